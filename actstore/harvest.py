@@ -1,0 +1,294 @@
+"""`actstore harvest`: run a model over a corpus once and write its activations to a Zarr store.
+
+Why this shape: the model is the expensive part, so it runs once, at several hookpoints in one pass,
+stopping after the last layer needed, while a background thread compresses and writes the previous
+batch. Each batch is written as whole chunks and only then counted in the commit record, so a killed
+harvest re-run with the same command regenerates the (deterministic) token stream, skips what was
+committed and finishes bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actstore import __version__
+from actstore import store as st
+from actstore.corpus import CorpusOptions, token_sequences
+from actstore.errors import StoreError, UsageError
+from actstore.model import LoadedModel, capture, check_hooks, load_model, stop_layer
+
+
+@dataclass(frozen=True)
+class HarvestOptions:
+    """Everything that decides a store's bytes; a resume must match all of it."""
+
+    model: str = "tiny"
+    corpus: str = "builtin"
+    hooks: tuple[str, ...] = ("blocks.1.hook_resid_post",)
+    seq_len: int = 128
+    tokens: int = 2_000_000
+    skip_tokens: int = 0
+    split: str = "all"
+    prepend_bos: bool = False
+    text_column: str = "text"
+    dtype: str = "float16"
+    compute_dtype: str = "float32"
+    codec: str = st.DEFAULT_CODEC
+    batch_size: int = 32
+    chunk_seqs: int | None = None  # default: batch_size
+    shard_seqs: int | None = None
+    device: str = "cpu"
+
+    @property
+    def n_seq(self) -> int:
+        return self.tokens // self.seq_len
+
+    def settings(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["hooks"] = list(self.hooks)
+        d["chunk_seqs"] = self.chunk_seqs or self.batch_size
+        d["device"] = self.device.split(":")[0]  # cuda:0 and cuda:1 give the same bits
+        return d
+
+    def corpus_options(self) -> CorpusOptions:
+        return CorpusOptions(
+            corpus=self.corpus,
+            split=self.split,
+            seq_len=self.seq_len,
+            skip_tokens=self.skip_tokens,
+            prepend_bos=self.prepend_bos,
+            text_column=self.text_column,
+        )
+
+
+def _validate(o: HarvestOptions) -> None:
+    if o.dtype not in st.STORE_DTYPES:
+        raise UsageError(f"unknown --dtype {o.dtype!r}; use one of {', '.join(st.STORE_DTYPES)}")
+    st.check_codec(o.codec, o.dtype)
+    if not o.hooks:
+        raise UsageError("no --hooks given; name at least one, e.g. blocks.1.hook_resid_post")
+    if o.seq_len < 2:
+        raise UsageError(f"--seq-len {o.seq_len} is too short; use at least 2")
+    if o.n_seq < 1:
+        raise UsageError(f"--tokens {o.tokens} is less than one sequence of {o.seq_len}; ask for more tokens")
+    if o.batch_size < 1 or o.skip_tokens < 0:
+        raise UsageError("--batch-size must be ≥ 1 and --skip-tokens ≥ 0")
+    chunk = o.chunk_seqs or o.batch_size
+    if o.batch_size % chunk:
+        raise UsageError(f"--chunk-seqs {chunk} must divide --batch-size {o.batch_size}")
+    if o.shard_seqs is not None and o.shard_seqs % chunk:
+        raise UsageError(f"--shard-seqs {o.shard_seqs} must be a multiple of the chunk ({chunk} sequences)")
+
+
+def _check_writable(out: str) -> None:
+    if "://" in out:
+        return
+    p = Path(out).expanduser()
+    if p.is_file():
+        raise UsageError(f"{out} exists and is a file; give a directory path for the store")
+    parent = p if p.exists() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write to {out}: {parent} is not a writable directory; choose another path")
+
+
+def _existing_settings(out: str) -> dict[str, Any] | None:
+    """The settings of a store already at `out`, None if nothing is there; refuses foreign content."""
+    p = Path(out)
+    if "://" in out or not p.exists() or not any(p.iterdir()):
+        return None
+    if not (p / "zarr.json").exists():
+        raise UsageError(f"{out} exists and is not an actstore store; choose an empty or new path")
+    return dict(st.open_store(out).attrs.get("settings", {}))
+
+
+class _Writer(threading.Thread):
+    """Writes batches to the store in the background and advances the commit record after each."""
+
+    def __init__(self, group: Any, hooks: list[str], codec: str, chunk_seqs: int, lossy: dict[str, Any]):
+        super().__init__(daemon=True)
+        self.group, self.hooks, self.codec, self.chunk_seqs = group, hooks, codec, chunk_seqs
+        self.inbox: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.lossy = lossy  # per hook: sums for the RMS relative error and the max per-token error
+
+    def run(self) -> None:
+        try:
+            while (item := self.inbox.get()) is not None:
+                self._write(*item)
+        except BaseException as exc:  # surfaced by the main thread at its next put/close
+            self.error = exc
+            while self.inbox.get() is not None:  # drain so the producer never blocks forever
+                pass
+
+    def _write(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        stop = start + len(tokens)
+        self.group["tokens"][start:stop] = tokens
+        for hook in self.hooks:
+            self.group["acts"][hook][start:stop] = acts[hook]
+            if st.is_lossy(self.codec):
+                self._measure(hook, acts[hook])
+        st.commit(self.group, stop, {"lossy_error": _lossy_summary(self.lossy)} if self.lossy else None)
+
+    def _measure(self, hook: str, x: np.ndarray) -> None:
+        x32 = x.astype(np.float32)
+        err = st.apply_lossy(self.codec, x).astype(np.float32) - x32
+        err_sq, x_sq = (err**2).sum(-1), (x32**2).sum(-1)
+        acc = self.lossy.setdefault(hook, {"err_sq": 0.0, "x_sq": 0.0, "max_rel": 0.0})
+        acc["err_sq"] += float(err_sq.sum())
+        acc["x_sq"] += float(x_sq.sum())
+        acc["max_rel"] = max(acc["max_rel"], float(np.sqrt(err_sq / np.maximum(x_sq, 1e-30)).max()))
+
+    def put(self, item: tuple) -> None:
+        if self.error:
+            raise self.error
+        self.inbox.put(item)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.join()
+        if self.error:
+            raise self.error
+
+
+def _lossy_summary(acc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        h: {"rms_rel": float(np.sqrt(a["err_sq"] / max(a["x_sq"], 1e-30))), "max_rel": a["max_rel"], **a}
+        for h, a in acc.items()
+    }
+
+
+def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.reshape(t.shape[0], t.shape[1], -1)  # (batch, pos, heads, d_head) hooks are flattened
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def harvest(out: str, options: HarvestOptions | None = None, *, overwrite: bool = False,
+            progress: bool = False, **kwargs: Any) -> str:
+    """Harvest activations into the store at `out` (resuming it if it holds the same settings)."""
+    o = options or HarvestOptions(**{k: tuple(v) if k == "hooks" else v for k, v in kwargs.items()})
+    _validate(o)
+    _check_writable(out)
+    existing = _existing_settings(out)
+    settings = o.settings()
+    if existing is not None and existing != settings and not overwrite:
+        diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+        raise StoreError(
+            f"{out} holds a store harvested with other settings ({', '.join(diff)}); "
+            "use --overwrite to replace it or choose another path"
+        )
+    model = load_model(o.model, o.device, o.compute_dtype)
+    hooks = list(o.hooks)
+    check_hooks(model, hooks)
+    if o.seq_len > model.n_ctx:
+        raise UsageError(f"--seq-len {o.seq_len} is longer than {o.model}'s context of {model.n_ctx}; use at most {model.n_ctx}")
+
+    resume = existing == settings
+    group = st.open_store(out, mode="r+") if resume else None
+    start = st.committed(group) if group is not None else 0
+    start -= start % o.batch_size  # restart at a batch boundary: the same batches give the same bits
+    if group is not None and st.committed(group) >= group["tokens"].shape[0]:
+        _say(progress, f"{out}: already complete ({st.committed(group)} sequences)")
+        return out
+
+    batches = token_sequences(o.corpus_options(), model.tokenizer, start_seq=start, batch_seqs=o.batch_size)
+    first = next(batches, None)
+    if first is None:
+        raise UsageError(
+            f"corpus {o.corpus!r} (split {o.split}, skipping {o.skip_tokens} tokens) gives no full sequence "
+            f"of {o.seq_len} tokens; give a larger corpus or a smaller --seq-len/--skip-tokens"
+        )
+    _check_vocab(first, model)
+    if group is None:
+        group = _create(out, o, model, hooks, first)
+        start = 0
+    lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()} if start else {}
+    for acc in lossy.values():  # sums are only valid up to the batch boundary we restart from
+        acc.pop("rms_rel", None)
+    writer = _Writer(group, hooks, o.codec, o.chunk_seqs or o.batch_size, lossy)
+    writer.start()
+    bar = _progress_bar(progress, o, start)
+    seq = start
+    try:
+        batch = first
+        while batch is not None and seq < o.n_seq:
+            batch = batch[: o.n_seq - seq]
+            tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
+            acts = capture(model, tokens, hooks)
+            writer.put((seq, batch, {h: _to_numpy(a, o.dtype) for h, a in acts.items()}))
+            seq += len(batch)
+            if bar is not None:
+                bar.update(batch.size)
+            batch = next(batches, None)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    if seq < o.n_seq:
+        _truncate(group, seq)
+        _say(progress, f"warning: the corpus ran out after {seq} sequences ({seq * o.seq_len} tokens); the store holds those")
+    return out
+
+
+def _check_vocab(first: np.ndarray, model: LoadedModel) -> None:
+    vocab = int(model.bridge.cfg.d_vocab)
+    if first.max() >= vocab or first.min() < 0:
+        raise UsageError(f"the corpus has token ids outside 0…{vocab - 1}; was it tokenized for another model?")
+
+
+def _create(out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], first: np.ndarray) -> Any:
+    """Allocate the store; the hooks' widths come from one forward pass on one sequence."""
+    probe = capture(model, torch.from_numpy(first[:1].astype(np.int64)).to(model.device), hooks)
+    hook_dims = {h: int(np.prod(a.shape[2:])) for h, a in probe.items()}
+    attrs = {
+        "actstore": {"version": __version__, "store_schema": 1},
+        "settings": o.settings(),
+        "model": {"name": o.model, "source": model.source, "config": model.config_summary(),
+                  "compute_dtype": o.compute_dtype, "device": o.device},
+        "corpus": o.corpus_options().to_dict(),
+        "bos_policy": "prepend BOS to every sequence" if o.prepend_bos else "packed, documents separated by end-of-text",
+        "hooks": {h: {"d": hook_dims[h], "shape": list(probe[h].shape[2:]), "stop_at_layer": stop_layer(hooks)}
+                  for h in hooks},
+        "dtype": o.dtype,
+        "codec": {"name": o.codec, "lossy": st.is_lossy(o.codec), "checksum": "crc32c"},
+        "n_seq": o.n_seq,
+        "seq_len": o.seq_len,
+        "created": st.now(),
+    }
+    return st.create_store(out, n_seq=o.n_seq, seq_len=o.seq_len, hook_dims=hook_dims, dtype=o.dtype,
+                           codec=o.codec, chunk_seqs=o.chunk_seqs or o.batch_size,
+                           shard_seqs=o.shard_seqs, attrs=attrs)
+
+
+def _truncate(group: Any, n_seq: int) -> None:
+    group["tokens"].resize((n_seq, group["tokens"].shape[1]))
+    for hook in st.hooks_of(group):
+        arr = group["acts"][hook]
+        arr.resize((n_seq, *arr.shape[1:]))
+    group.attrs.update({"n_seq": n_seq, "truncated": True})
+
+
+def _progress_bar(progress: bool, o: HarvestOptions, start: int) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=o.n_seq * o.seq_len, initial=start * o.seq_len, unit="tok", unit_scale=True,
+                desc="harvest", file=sys.stderr, dynamic_ncols=True)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr)

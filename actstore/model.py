@@ -1,0 +1,135 @@
+"""Loading a model through TransformerLens's TransformerBridge, and naming its hookpoints.
+
+Why one module: every step that runs a model (harvest now, eval later) must agree on what `--model`
+means — `tiny` (shipped in the package), a local Hugging Face model directory, or a hub name — and on
+the canonical TransformerLens hook names (`blocks.{L}.hook_resid_post`, …) the store is keyed by.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actstore.errors import UsageError
+from actstore.tiny import TINY_DIR
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass
+class LoadedModel:
+    """A booted bridge plus what the store's provenance needs to say about it."""
+
+    bridge: Any
+    name: str
+    source: str  # "tiny", "local" or "hub"
+    device: str
+    compute_dtype: str
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.bridge.cfg.n_ctx)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.bridge.tokenizer
+
+    def hook_names(self) -> list[str]:
+        return sorted(self.bridge.hook_dict)
+
+    def config_summary(self) -> dict[str, Any]:
+        cfg = self.bridge.cfg
+        keys = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "architecture")
+        return {k: getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), (int, str))}
+
+
+def resolve_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -> LoadedModel:
+    """Boot `tiny`, a local HF directory or a hub name through TransformerBridge, in eval mode."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
+    transformers.utils.logging.set_verbosity_error()
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown compute dtype {compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+    device = resolve_device(device)
+    if name == "tiny":
+        if not (TINY_DIR / "model.safetensors").exists():
+            raise UsageError(f"the tiny model's weights are missing from {TINY_DIR}; run examples/train_tiny_model.py")
+        target, source = str(TINY_DIR), "tiny"
+    elif Path(name).expanduser().is_dir():
+        target, source = str(Path(name).expanduser().resolve()), "local"
+        if not (Path(target) / "config.json").exists():
+            raise UsageError(f"{name} is a directory but has no config.json; give a Hugging Face model directory")
+    else:
+        target, source = name, "hub"
+    try:
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=COMPUTE_DTYPES[compute_dtype])
+    except Exception as exc:  # HF raises many types (OSError, ValueError, HTTP errors) for an unknown model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"could not load model {name!r} ({first[:160]}); give 'tiny', a local Hugging Face model "
+            "directory, or a hub name that is cached or reachable"
+        ) from exc
+    bridge.eval()
+    return LoadedModel(bridge=bridge, name=name, source=source, device=device, compute_dtype=compute_dtype)
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block a hook lives in; -1 before the first block; None after the last (needs the full pass)."""
+    m = _LAYER.match(hook)
+    if m:
+        return int(m.group(1))
+    if hook.startswith(("hook_embed", "hook_pos_embed", "embed.")):
+        return -1
+    return None
+
+
+def stop_layer(hooks: list[str]) -> int | None:
+    """Where the forward pass may stop once every hook has fired (`stop_at_layer`), or None."""
+    layers = [hook_layer(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    return max(layers) + 1  # type: ignore[type-var]
+
+
+def hook_patterns(names: list[str]) -> list[str]:
+    """Hook names with the layer folded into `{L}`, so a list of valid hooks fits on one line."""
+    return sorted({_LAYER.sub("blocks.{L}.", n) for n in names})
+
+
+def check_hooks(model: LoadedModel, hooks: list[str]) -> None:
+    valid = set(model.hook_names())
+    bad = [h for h in hooks if h not in valid]
+    if bad:
+        raise UsageError(
+            f"unknown hookpoint {', '.join(bad)}; valid ones (L = 0…{model.n_layers - 1}): "
+            + ", ".join(hook_patterns(sorted(valid)))
+        )
+
+
+@torch.inference_mode()
+def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """Activations at `hooks` for a batch of token ids, stopping after the last layer needed."""
+    wanted = set(hooks)
+    _, cache = model.bridge.run_with_cache(
+        tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop_layer(hooks)
+    )
+    return {h: cache[h] for h in hooks}

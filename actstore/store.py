@@ -1,0 +1,197 @@
+"""The Zarr v3 activation store: layout, codecs, commit record, reading back.
+
+Why: the store is the contract every later step and every outside tool reads. One group holds
+`tokens` (n_seq, seq_len) int32 and `acts/<hook>` (n_seq, seq_len, d); chunks hold whole sequences;
+every chunk ends in a CRC32C checksum so a damaged chunk raises instead of returning garbage; the group
+attributes hold the provenance and the commit record — the number of sequences durably written, which
+only advances after their chunks are on disk. Plain `zarr.open_group` reads all of it.
+
+bfloat16 has no numpy or Zarr v3 (zarr-python 3.1) data type, so a bfloat16 array is stored as its
+uint16 bit pattern with the attribute `actstore_dtype: "bfloat16"`; `read_acts` gives float32 back.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from actstore.errors import StoreError, UsageError
+
+STORE_DTYPES = ("float16", "bfloat16", "float32")
+LOSSLESS_CODECS = ("lz4", "zstd", "none")
+DEFAULT_CODEC = "lz4"  # blosc lz4 + bit-shuffle: chosen by bench/harvest.py (ratio vs write speed)
+DIMS = ("seq", "pos", "d")
+MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
+
+
+def check_codec(codec: str, dtype: str) -> None:
+    """Refuse codec names we do not know, and bit-rounding that keeps no fewer bits than the dtype."""
+    if codec in LOSSLESS_CODECS:
+        return
+    if codec.startswith("bitround-") and codec[len("bitround-") :].isdigit():
+        if dtype == "bfloat16":
+            raise UsageError("bitround codecs need --dtype float16 or float32 (bfloat16 is stored as raw bits)")
+        keep = int(codec[len("bitround-") :])
+        if not 1 <= keep < MANTISSA_BITS[dtype]:
+            raise UsageError(
+                f"--codec {codec} keeps {keep} mantissa bits but {dtype} has {MANTISSA_BITS[dtype]}; "
+                f"use bitround-N with 1 ≤ N < {MANTISSA_BITS[dtype]}"
+            )
+        return
+    raise UsageError(
+        f"unknown --codec {codec!r}; use one of {', '.join(LOSSLESS_CODECS)} (lossless) or bitround-N "
+        "(lossy: keep N mantissa bits, then lz4)"
+    )
+
+
+def is_lossy(codec: str) -> bool:
+    return codec.startswith("bitround-")
+
+
+def _bitround(keep_bits: int) -> Any:
+    import warnings
+
+    from zarr.codecs import BitRound  # numcodecs' codec, registered with zarr by numcodecs
+
+    with warnings.catch_warnings():  # "not in the Zarr v3 spec": known, and recorded in the provenance
+        warnings.simplefilter("ignore")
+        return BitRound(keepbits=keep_bits)
+
+
+def codec_chain(codec: str, dtype: str, typesize: int) -> tuple[list[Any], list[Any]]:
+    """(filters, compressors) for zarr.create_array; the CRC32C checksum always comes last."""
+    filters: list[Any] = []
+    if is_lossy(codec):
+        filters.append(_bitround(int(codec.split("-")[1])))
+        codec = "lz4"
+    if codec == "lz4":
+        compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize)]
+    elif codec == "zstd":
+        compressors = [ZstdCodec(level=3)]
+    else:
+        compressors = []
+    return filters, compressors + [Crc32cCodec()]
+
+
+def apply_lossy(codec: str, values: np.ndarray) -> np.ndarray:
+    """What a lossy codec will store for `values` (the same numcodecs code zarr runs on write)."""
+    from numcodecs import BitRound
+
+    keep = int(codec.split("-")[1])
+    return BitRound(keep).decode(BitRound(keep).encode(values)).view(values.dtype).reshape(values.shape)
+
+
+def to_float32(values: np.ndarray, stored_dtype: str) -> np.ndarray:
+    """Stored values as float32 (bfloat16 bit patterns widened exactly)."""
+    if stored_dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def create_store(
+    path: str,
+    *,
+    n_seq: int,
+    seq_len: int,
+    hook_dims: dict[str, int],
+    dtype: str,
+    codec: str,
+    chunk_seqs: int,
+    shard_seqs: int | None,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """A new, empty store with every array allocated at its full shape and nothing committed."""
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    _, token_compressors = codec_chain("lz4", "int32", 4)
+    shards = None if shard_seqs is None else (shard_seqs, seq_len)
+    group.create_array(
+        "tokens",
+        shape=(n_seq, seq_len),
+        chunks=(chunk_seqs, seq_len),
+        shards=shards,
+        dtype="int32",
+        compressors=token_compressors,
+        dimension_names=DIMS[:2],
+        fill_value=0,
+    )
+    acts = group.create_group("acts")
+    np_dtype = numpy_dtype(dtype)
+    for hook, d in hook_dims.items():
+        filters, compressors = codec_chain(codec, dtype, np_dtype.itemsize)
+        arr = acts.create_array(
+            hook,
+            shape=(n_seq, seq_len, d),
+            chunks=(chunk_seqs, seq_len, d),
+            shards=None if shard_seqs is None else (shard_seqs, seq_len, d),
+            dtype=np_dtype,
+            filters=filters,
+            compressors=compressors,
+            dimension_names=DIMS,
+            fill_value=0,
+        )
+        arr.attrs.update({"actstore_dtype": dtype, "hook": hook})
+    group.attrs.update({**attrs, "commit": {"n_seq": 0, "updated": now()}})
+    return group
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def open_store(path: str, mode: str = "r") -> zarr.Group:
+    """An existing actstore store, or a one-line error saying what is wrong with the path."""
+    p = Path(path)
+    if "://" not in path and not (p / "zarr.json").exists():
+        raise StoreError(f"{path} is not a Zarr v3 store (no zarr.json); harvest one with `actstore harvest {path} …`")
+    try:
+        group = zarr.open_group(path, mode=mode)
+    except Exception as exc:
+        raise StoreError(f"cannot open store {path}: {exc}") from exc
+    if "settings" not in group.attrs or "tokens" not in group:
+        raise StoreError(f"{path} is a Zarr group but not an actstore store (no settings or tokens)")
+    return group
+
+
+def committed(group: zarr.Group) -> int:
+    return int(group.attrs.get("commit", {}).get("n_seq", 0))
+
+
+def commit(group: zarr.Group, n_seq: int, extra: dict[str, Any] | None = None) -> None:
+    """Advance the commit record (zarr writes zarr.json atomically: write aside, then rename)."""
+    group.attrs.update({"commit": {"n_seq": int(n_seq), "updated": now()}, **(extra or {})})
+
+
+def hooks_of(group: zarr.Group) -> list[str]:
+    return sorted(group["acts"].array_keys())
+
+
+def read_acts(group: zarr.Group, hook: str, seqs: slice = slice(None)) -> np.ndarray:
+    """Activations of `hook` for a slice of sequences, as float32; a damaged chunk raises StoreError."""
+    if hook not in hooks_of(group):
+        raise UsageError(f"hook {hook!r} is not in this store; it has {', '.join(hooks_of(group))}")
+    arr = group["acts"][hook]
+    try:
+        values = arr[seqs]
+    except Exception as exc:
+        raise StoreError(f"damaged chunk in acts/{hook} ({type(exc).__name__}: {exc}); re-harvest the store") from exc
+    return to_float32(values, arr.attrs.get("actstore_dtype", str(arr.dtype)))
+
+
+def read_tokens(group: zarr.Group, seqs: slice = slice(None)) -> np.ndarray:
+    try:
+        return group["tokens"][seqs]
+    except Exception as exc:
+        raise StoreError(f"damaged chunk in tokens ({type(exc).__name__}: {exc}); re-harvest the store") from exc
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

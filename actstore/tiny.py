@@ -1,0 +1,67 @@
+"""The project's own tiny language model: a small GPT-NeoX (Pythia's architecture) over bytes.
+
+Why: the demo, the tests and every offline machine need a real model that loads in seconds without a
+hub. Its vocabulary is the 256 byte values plus one end-of-text token, so any text tokenizes with no
+learned merges and the corpus needs no tokenizer training. `examples/train_tiny_model.py` trains it on
+the builtin corpus; the weights ship inside the package in Hugging Face's format, so the same loading
+code that reads a local HF directory reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EOT_ID = 256  # <|endoftext|>: separates documents, doubles as BOS when a BOS is asked for
+VOCAB_SIZE = 257
+TINY_DIR = Path(__file__).parent / "models" / "tiny"
+
+# Pythia's shape at a toy size: rotary on a quarter of each head, parallel attention + MLP residual.
+TINY_CONFIG = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    intermediate_size=512,
+    max_position_embeddings=256,
+    rotary_pct=0.25,
+    use_parallel_residual=True,
+    tie_word_embeddings=False,
+    bos_token_id=EOT_ID,
+    eos_token_id=EOT_ID,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+)
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet byte-level tokenizers work in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer():
+    """An HF fast tokenizer whose ids are the byte values (0–255) and 256 for <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: b for b, c in _byte_to_char().items()}
+    vocab["<|endoftext|>"] = EOT_ID
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=TINY_CONFIG["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )

@@ -1,0 +1,25 @@
+"""Token counts as people write them: `2M`, `500k`, `1e6`, `1_000_000`."""
+
+from __future__ import annotations
+
+from actstore.errors import UsageError
+
+_SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+
+
+def parse_count(text: str | int) -> int:
+    """`2M` → 2,000,000; refuses anything that is not a positive whole number of tokens."""
+    if isinstance(text, int):
+        value: float = text
+    else:
+        s = text.strip().lower().replace("_", "").replace(",", "")
+        scale = _SUFFIX.get(s[-1:], 1)
+        if scale != 1:
+            s = s[:-1]
+        try:
+            value = float(s) * scale
+        except ValueError:
+            raise UsageError(f"cannot read token count {text!r}; write it like 2M, 500k, 1e6 or 128000") from None
+    if value != int(value) or value < 0:
+        raise UsageError(f"token count {text!r} is not a whole non-negative number")
+    return int(value)

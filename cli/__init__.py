@@ -1,0 +1,1 @@
+"""The `actstore` command line: thin click commands over the library (installed as actstore.cli)."""

@@ -1,0 +1,180 @@
+"""Harvest into Zarr: layout, fidelity to the model, resume after SIGKILL, refusal, damage, codecs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from actstore import store as st
+from actstore.corpus import CorpusOptions, token_sequences
+from actstore.errors import StoreError
+from actstore.harvest import HarvestOptions, harvest
+from actstore.info import format_info, store_info
+from actstore.model import load_model
+
+from .conftest import HOOKS
+
+
+def test_plain_zarr_finds_tokens_and_activations_where_the_design_says(small_store):
+    g = zarr.open_group(small_store, mode="r")  # no actstore reader involved
+    assert g["tokens"].shape == (24, 64) and g["tokens"].dtype == np.int32
+    for hook in HOOKS:
+        acts = g[f"acts/{hook}"]
+        assert acts.shape == (24, 64, 128) and acts.dtype == np.float16
+        assert acts.metadata.dimension_names == ("seq", "pos", "d")
+        assert acts.chunks[1:] == (64, 128)  # chunks hold whole sequences
+        values = acts[:].astype(np.float32)
+        assert np.isfinite(values).all() and np.abs(values).sum() > 0
+    assert g.attrs["commit"]["n_seq"] == 24
+    assert g.attrs["model"]["name"] == "tiny" and g.attrs["corpus"]["split"] == "train"
+    assert "crc32c" in [c.to_dict()["name"] for c in g["tokens"].metadata.codecs]
+
+
+def test_stored_tokens_and_activations_are_what_the_model_computes(small_store):
+    g = st.open_store(small_store)
+    model = load_model("tiny")
+    expected_tokens = next(token_sequences(CorpusOptions(corpus="builtin", split="train", seq_len=64), model.tokenizer, batch_seqs=24))
+    assert np.array_equal(st.read_tokens(g), expected_tokens)
+    # A full forward pass (no early stop) through a plain run_with_cache gives the same activations.
+    _, cache = model.bridge.run_with_cache(torch.from_numpy(expected_tokens[:4].astype(np.int64)))
+    for hook in HOOKS:
+        want = cache[hook].float().numpy().astype(np.float16).astype(np.float32)
+        got = st.read_acts(g, hook, slice(0, 4))
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def _harvest_cmd(out: str, n_seq: int) -> list[str]:
+    return [sys.executable, "-m", "actstore.cli.main", "harvest", out, "--hooks", ",".join(HOOKS), "--seq-len", "64",
+            "--tokens", str(n_seq * 64), "--batch-size", "4", "--quiet"]
+
+
+def test_resume_after_sigkill_keeps_every_sequence_bit_identical(tmp_path):
+    n_seq = 400
+    killed, whole = str(tmp_path / "killed.zarr"), str(tmp_path / "whole.zarr")
+    proc = subprocess.Popen(_harvest_cmd(killed, n_seq), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    meta = Path(killed) / "zarr.json"
+    deadline, at_kill = time.time() + 120, 0
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists():
+            try:
+                at_kill = json.loads(meta.read_text())["attributes"]["commit"]["n_seq"]
+            except (ValueError, KeyError):
+                at_kill = 0
+            if at_kill >= 8:
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 8 <= at_kill < n_seq, "the harvest must be killed mid-way for this test to mean anything"
+    assert st.committed(st.open_store(killed)) < n_seq
+
+    subprocess.run(_harvest_cmd(killed, n_seq), check=True, capture_output=True)  # the same command resumes
+    subprocess.run(_harvest_cmd(whole, n_seq), check=True, capture_output=True)
+    a, b = zarr.open_group(killed, mode="r"), zarr.open_group(whole, mode="r")
+    assert a.attrs["commit"]["n_seq"] == b.attrs["commit"]["n_seq"] == n_seq
+    assert np.array_equal(a["tokens"][:], b["tokens"][:])
+    for hook in HOOKS:
+        assert np.array_equal(a[f"acts/{hook}"][:].view(np.uint16), b[f"acts/{hook}"][:].view(np.uint16))
+
+
+def test_other_settings_are_refused_unless_overwrite(small_store, tmp_path):
+    out = str(tmp_path / "s.zarr")
+    harvest(out, HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=8))
+    before = (Path(out) / "zarr.json").read_bytes()
+    with pytest.raises(StoreError, match="other settings .*seq_len.*--overwrite"):
+        harvest(out, HarvestOptions(hooks=HOOKS[:1], seq_len=64, tokens=8 * 64, batch_size=8))
+    assert (Path(out) / "zarr.json").read_bytes() == before
+    harvest(out, HarvestOptions(hooks=HOOKS[:1], seq_len=64, tokens=8 * 64, batch_size=8), overwrite=True)
+    assert st.open_store(out)["tokens"].shape == (8, 64)
+
+
+def test_rerunning_a_complete_harvest_changes_nothing(tmp_path):
+    out = str(tmp_path / "s.zarr")
+    opts = HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=8)
+    harvest(out, opts)
+    snapshot = {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
+    harvest(out, opts)
+    assert {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()} == snapshot
+
+
+def test_a_damaged_chunk_is_an_error_on_read(tmp_path):
+    out = str(tmp_path / "s.zarr")
+    harvest(out, HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=16 * 32, batch_size=8))
+    chunk = sorted(p for p in (Path(out) / "acts" / HOOKS[0]).rglob("*") if p.is_file() and p.name != "zarr.json")[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    g = st.open_store(out)
+    with pytest.raises(StoreError, match="damaged chunk"):
+        st.read_acts(g, HOOKS[0])
+    st.read_acts(g, HOOKS[0], slice(8, 16))  # the undamaged chunk still reads
+
+
+def test_lossy_codec_error_is_measured_at_write_and_matches_the_stored_values(tmp_path):
+    lossless, lossy = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
+    common = dict(hooks=HOOKS[:1], seq_len=32, tokens=16 * 32, batch_size=8)
+    harvest(lossless, HarvestOptions(**common))
+    harvest(lossy, HarvestOptions(codec="bitround-4", **common))
+    x = st.read_acts(st.open_store(lossless), HOOKS[0])
+    y = st.read_acts(st.open_store(lossy), HOOKS[0])
+    assert not np.array_equal(x, y)
+    err = np.linalg.norm(y - x, axis=-1) / np.linalg.norm(x, axis=-1)
+    rms = np.sqrt(((y - x) ** 2).sum() / (x**2).sum())
+    recorded = store_info(lossy)["lossy_error"][HOOKS[0]]
+    assert recorded["max_rel"] == pytest.approx(err.max(), rel=1e-4)
+    assert recorded["rms_rel"] == pytest.approx(rms, rel=1e-4)
+    assert 0 < recorded["rms_rel"] < 2**-4  # 4 mantissa bits kept: error below one part in 16
+    assert "lossy error" in format_info(store_info(lossy))
+    sizes = {p: st.bytes_on_disk(Path(p) / "acts") for p in (lossless, lossy)}
+    assert sizes[lossy] < 0.8 * sizes[lossless]
+
+
+def test_bfloat16_and_float32_stores_read_back_as_float32(tmp_path):
+    common = dict(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=8)
+    ref = str(tmp_path / "f32.zarr")
+    harvest(ref, HarvestOptions(dtype="float32", **common))
+    x = st.read_acts(st.open_store(ref), HOOKS[0])
+    bf = str(tmp_path / "bf16.zarr")
+    harvest(bf, HarvestOptions(dtype="bfloat16", **common))
+    raw = zarr.open_group(bf, mode="r")[f"acts/{HOOKS[0]}"]
+    assert raw.dtype == np.uint16 and raw.attrs["actstore_dtype"] == "bfloat16"
+    y = st.read_acts(st.open_store(bf), HOOKS[0])
+    want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(y, want)
+
+
+def test_sharded_store_reads_like_an_unsharded_one(tmp_path, small_store):
+    out = str(tmp_path / "sharded.zarr")
+    harvest(out, HarvestOptions(hooks=HOOKS, seq_len=64, tokens=24 * 64, batch_size=8, split="train", shard_seqs=16))
+    a, b = st.open_store(out), st.open_store(small_store)
+    assert a["tokens"].shards == (16, 64)
+    assert np.array_equal(st.read_acts(a, HOOKS[1]), st.read_acts(b, HOOKS[1]))
+
+
+def test_info_reports_sizes_ratio_and_provenance(small_store):
+    info = store_info(small_store)
+    acts = info["arrays"][f"acts/{HOOKS[0]}"]
+    assert acts["bytes_on_disk"] > 0 and acts["compression_ratio"] > 1.0
+    assert info["complete"] and info["committed_sequences"] == 24
+    text = format_info(info)
+    for needle in ("tokens", HOOKS[0], "lz4", "crc32c", "tiny", "24 / 24"):
+        assert needle in text
+
+
+def test_a_corpus_shorter_than_asked_gives_a_truncated_store(tmp_path):
+    (tmp_path / "c.txt").write_text("a short corpus. " * 20)  # 320 bytes + EOT
+    out = str(tmp_path / "s.zarr")
+    harvest(out, HarvestOptions(corpus=str(tmp_path / "c.txt"), hooks=HOOKS[:1], seq_len=32, tokens=100 * 32, batch_size=4))
+    g = st.open_store(out)
+    assert g["tokens"].shape == (10, 32) and st.committed(g) == 10 and g.attrs["truncated"]
+    assert os.path.exists(out)
