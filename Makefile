@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 DEMO ?= demo
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean test-tl39
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)

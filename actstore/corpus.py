@@ -88,8 +88,7 @@ def _table_documents(path: Path, text_column: str) -> Iterator[Document]:
                 row = json.loads(line)
                 if text_column not in row:
                     raise UsageError(
-                        f"{path}:{n} has no {text_column!r} field; pass --text-column with one of "
-                        f"{sorted(row)}"
+                        f"{path}:{n} has no {text_column!r} field; pass --text-column with one of {sorted(row)}"
                     )
                 yield row[text_column]
         return
@@ -126,8 +125,7 @@ def _hf_dataset_documents(path: Path, text_column: str) -> Iterator[Document]:
                 yield from (np.asarray(ids, dtype=np.int64) for ids in row[name])
             return
     raise UsageError(
-        f"HF dataset {path} has no {text_column!r} column; pass --text-column with one of "
-        f"{ds.column_names}"
+        f"HF dataset {path} has no {text_column!r} column; pass --text-column with one of {ds.column_names}"
     )
 
 

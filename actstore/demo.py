@@ -16,7 +16,9 @@ from actstore.info import format_info, store_info
 DEMO_HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "blocks.5.hook_resid_post")
 
 
-def demo(out: str = "demo", train_tokens: int = 1_000_000, eval_tokens: int = 200_000, progress: bool = True) -> dict[str, str]:
+def demo(
+    out: str = "demo", train_tokens: int = 1_000_000, eval_tokens: int = 200_000, progress: bool = True
+) -> dict[str, str]:
     """Run the demo pipeline into `out`; re-running resumes or reuses what is already there."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -26,7 +28,7 @@ def demo(out: str = "demo", train_tokens: int = 1_000_000, eval_tokens: int = 20
         if progress:
             print(f"== harvest {split} store: {tokens:,} tokens of the builtin corpus's {split} split", file=sys.stderr)
         harvest(stores[split], HarvestOptions(split=split, tokens=tokens, **common), progress=progress)
-    for split, path in stores.items():
+    for path in stores.values():
         print(f"\n== actstore info {path}")
         print(format_info(store_info(path)))
     return stores

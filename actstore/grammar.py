@@ -26,9 +26,7 @@ PLACES = (
     "Westreach Yarrowdale Ashford Brindle Coldharbour Dunmore"
 ).split()
 ANIMALS = "dog cat fox owl horse goat heron badger otter crow mouse lynx".split()
-OBJECTS = (
-    "lamp key box book coat cup kettle map rope lantern basket bell clock mirror sword violin"
-).split()
+OBJECTS = ("lamp key box book coat cup kettle map rope lantern basket bell clock mirror sword violin").split()
 COLORS = "red blue green yellow black white grey brown purple orange silver golden".split()
 SIZES = "small large tiny huge narrow wide heavy light old new".split()
 MATERIALS = "wood iron glass stone wool copper paper clay".split()
@@ -36,9 +34,7 @@ VERBS_PAST = "saw found carried painted lost mended sold hid opened followed".sp
 MOTION = "walked ran drove sailed rode travelled hurried wandered".split()
 FEELINGS = "happy tired curious angry calm worried proud hungry".split()
 WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
-MONTHS = (
-    "January February March April May June July August September October November December".split()
-)
+MONTHS = "January February March April May June July August September October November December".split()
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen twenty"

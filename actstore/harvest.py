@@ -115,9 +115,10 @@ def _existing_settings(out: str) -> dict[str, Any] | None:
 class _Writer(threading.Thread):
     """Writes batches to the store in the background and advances the commit record after each."""
 
-    def __init__(self, group: Any, hooks: list[str], codec: str, chunk_seqs: int, lossy: dict[str, Any]):
+    def __init__(self, group: Any, hooks: list[str], codec: str, lossy: dict[str, Any]):
         super().__init__(daemon=True)
-        self.group, self.hooks, self.codec, self.chunk_seqs = group, hooks, codec, chunk_seqs
+        self.group, self.hooks, self.codec = group, hooks, codec
+        self.tokens, self.acts = group["tokens"], {h: group["acts"][h] for h in hooks}
         self.inbox: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.lossy = lossy  # per hook: sums for the RMS relative error and the max per-token error
@@ -133,9 +134,9 @@ class _Writer(threading.Thread):
 
     def _write(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
         stop = start + len(tokens)
-        self.group["tokens"][start:stop] = tokens
+        self.tokens[start:stop] = tokens
         for hook in self.hooks:
-            self.group["acts"][hook][start:stop] = acts[hook]
+            self.acts[hook][start:stop] = acts[hook]
             if st.is_lossy(self.codec):
                 self._measure(hook, acts[hook])
         st.commit(self.group, stop, {"lossy_error": _lossy_summary(self.lossy)} if self.lossy else None)
@@ -175,9 +176,20 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.to(getattr(torch, dtype)).cpu().numpy()
 
 
-def harvest(out: str, options: HarvestOptions | None = None, *, overwrite: bool = False,
-            progress: bool = False, **kwargs: Any) -> str:
-    """Harvest activations into the store at `out` (resuming it if it holds the same settings)."""
+def harvest(
+    out: str,
+    options: HarvestOptions | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+    **kwargs: Any,
+) -> str:
+    """Harvest activations into the store at `out` (resuming it if it holds the same settings).
+
+    `loaded` reuses a model already booted with the same name, device and compute dtype (notebooks,
+    benchmarks); otherwise the model named in the options is loaded.
+    """
     o = options or HarvestOptions(**{k: tuple(v) if k == "hooks" else v for k, v in kwargs.items()})
     _validate(o)
     _check_writable(out)
@@ -189,11 +201,15 @@ def harvest(out: str, options: HarvestOptions | None = None, *, overwrite: bool 
             f"{out} holds a store harvested with other settings ({', '.join(diff)}); "
             "use --overwrite to replace it or choose another path"
         )
-    model = load_model(o.model, o.device, o.compute_dtype)
+    model = loaded or load_model(o.model, o.device, o.compute_dtype)
+    if (model.name, model.device, model.compute_dtype) != (o.model, o.device, o.compute_dtype):
+        raise UsageError("the loaded model does not match the options' model, device or compute dtype")
     hooks = list(o.hooks)
     check_hooks(model, hooks)
     if o.seq_len > model.n_ctx:
-        raise UsageError(f"--seq-len {o.seq_len} is longer than {o.model}'s context of {model.n_ctx}; use at most {model.n_ctx}")
+        raise UsageError(
+            f"--seq-len {o.seq_len} is longer than {o.model}'s context of {model.n_ctx}; use at most {model.n_ctx}"
+        )
 
     resume = existing == settings
     group = st.open_store(out, mode="r+") if resume else None
@@ -217,7 +233,7 @@ def harvest(out: str, options: HarvestOptions | None = None, *, overwrite: bool 
     lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()} if start else {}
     for acc in lossy.values():  # sums are only valid up to the batch boundary we restart from
         acc.pop("rms_rel", None)
-    writer = _Writer(group, hooks, o.codec, o.chunk_seqs or o.batch_size, lossy)
+    writer = _Writer(group, hooks, o.codec, lossy)
     writer.start()
     bar = _progress_bar(progress, o, start)
     seq = start
@@ -238,7 +254,10 @@ def harvest(out: str, options: HarvestOptions | None = None, *, overwrite: bool 
             bar.close()
     if seq < o.n_seq:
         _truncate(group, seq)
-        _say(progress, f"warning: the corpus ran out after {seq} sequences ({seq * o.seq_len} tokens); the store holds those")
+        _say(
+            progress,
+            f"warning: the corpus ran out after {seq} sequences ({seq * o.seq_len} tokens); the store holds those",
+        )
     return out
 
 
@@ -255,21 +274,37 @@ def _create(out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], f
     attrs = {
         "actstore": {"version": __version__, "store_schema": 1},
         "settings": o.settings(),
-        "model": {"name": o.model, "source": model.source, "config": model.config_summary(),
-                  "compute_dtype": o.compute_dtype, "device": o.device},
+        "model": {
+            "name": o.model,
+            "source": model.source,
+            "config": model.config_summary(),
+            "compute_dtype": o.compute_dtype,
+            "device": o.device,
+        },
         "corpus": o.corpus_options().to_dict(),
-        "bos_policy": "prepend BOS to every sequence" if o.prepend_bos else "packed, documents separated by end-of-text",
-        "hooks": {h: {"d": hook_dims[h], "shape": list(probe[h].shape[2:]), "stop_at_layer": stop_layer(hooks)}
-                  for h in hooks},
+        "bos_policy": "prepend BOS to every sequence"
+        if o.prepend_bos
+        else "packed, documents separated by end-of-text",
+        "hooks": {
+            h: {"d": hook_dims[h], "shape": list(probe[h].shape[2:]), "stop_at_layer": stop_layer(hooks)} for h in hooks
+        },
         "dtype": o.dtype,
         "codec": {"name": o.codec, "lossy": st.is_lossy(o.codec), "checksum": "crc32c"},
         "n_seq": o.n_seq,
         "seq_len": o.seq_len,
         "created": st.now(),
     }
-    return st.create_store(out, n_seq=o.n_seq, seq_len=o.seq_len, hook_dims=hook_dims, dtype=o.dtype,
-                           codec=o.codec, chunk_seqs=o.chunk_seqs or o.batch_size,
-                           shard_seqs=o.shard_seqs, attrs=attrs)
+    return st.create_store(
+        out,
+        n_seq=o.n_seq,
+        seq_len=o.seq_len,
+        hook_dims=hook_dims,
+        dtype=o.dtype,
+        codec=o.codec,
+        chunk_seqs=o.chunk_seqs or o.batch_size,
+        shard_seqs=o.shard_seqs,
+        attrs=attrs,
+    )
 
 
 def _truncate(group: Any, n_seq: int) -> None:
@@ -285,8 +320,16 @@ def _progress_bar(progress: bool, o: HarvestOptions, start: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=o.n_seq * o.seq_len, initial=start * o.seq_len, unit="tok", unit_scale=True,
-                desc="harvest", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=o.n_seq * o.seq_len,
+        initial=start * o.seq_len,
+        unit="tok",
+        unit_scale=True,
+        desc="harvest",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
 
 
 def _say(progress: bool, msg: str) -> None:

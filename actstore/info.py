@@ -37,8 +37,9 @@ def store_info(path: str) -> dict[str, Any]:
         "seq_len": int(group["tokens"].shape[1]),
         "complete": st.committed(group) >= group["tokens"].shape[0],
         "arrays": arrays,
-        "lossy_error": {h: {"max_rel": v["max_rel"], "rms_rel": v.get("rms_rel")}
-                        for h, v in attrs.get("lossy_error", {}).items()},
+        "lossy_error": {
+            h: {"max_rel": v["max_rel"], "rms_rel": v.get("rms_rel")} for h, v in attrs.get("lossy_error", {}).items()
+        },
         "provenance": {k: v for k, v in attrs.items() if k not in ("lossy_error",)},
     }
 
@@ -52,11 +53,17 @@ def format_info(info: dict[str, Any]) -> str:
     ]
     prov = info["provenance"]
     model = prov.get("model", {})
-    lines.append(f"model        {model.get('name')} ({model.get('source')}), compute {model.get('compute_dtype')} on {model.get('device')}")
+    lines.append(
+        f"model        {model.get('name')} ({model.get('source')}), compute {model.get('compute_dtype')} on {model.get('device')}"
+    )
     corpus = prov.get("corpus", {})
-    lines.append(f"corpus       {corpus.get('corpus')} split={corpus.get('split')} skip_tokens={corpus.get('skip_tokens')}; {prov.get('bos_policy')}")
+    lines.append(
+        f"corpus       {corpus.get('corpus')} split={corpus.get('split')} skip_tokens={corpus.get('skip_tokens')}; {prov.get('bos_policy')}"
+    )
     codec = prov.get("codec", {})
-    lines.append(f"codec        {codec.get('name')}{' (lossy)' if codec.get('lossy') else ''} + {codec.get('checksum')} checksum per chunk")
+    lines.append(
+        f"codec        {codec.get('name')}{' (lossy)' if codec.get('lossy') else ''} + {codec.get('checksum')} checksum per chunk"
+    )
     lines.append("arrays")
     for name, a in info["arrays"].items():
         size = a.get("bytes_on_disk")

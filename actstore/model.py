@@ -129,7 +129,5 @@ def check_hooks(model: LoadedModel, hooks: list[str]) -> None:
 def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """Activations at `hooks` for a batch of token ids, stopping after the last layer needed."""
     wanted = set(hooks)
-    _, cache = model.bridge.run_with_cache(
-        tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop_layer(hooks)
-    )
+    _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop_layer(hooks))
     return {h: cache[h] for h in hooks}

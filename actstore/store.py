@@ -24,7 +24,7 @@ from actstore.errors import StoreError, UsageError
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 LOSSLESS_CODECS = ("lz4", "zstd", "none")
-DEFAULT_CODEC = "lz4"  # blosc lz4 + bit-shuffle: chosen by bench/harvest.py (ratio vs write speed)
+DEFAULT_CODEC = "lz4"  # blosc lz4 + bit-shuffle: bench/harvest.py, see the note in README (Codecs)
 DIMS = ("seq", "pos", "d")
 MANTISSA_BITS = {"float16": 10, "bfloat16": 7, "float32": 23}
 
@@ -45,7 +45,7 @@ def check_codec(codec: str, dtype: str) -> None:
         return
     raise UsageError(
         f"unknown --codec {codec!r}; use one of {', '.join(LOSSLESS_CODECS)} (lossless) or bitround-N "
-        "(lossy: keep N mantissa bits, then lz4)"
+        "(lossy: keep N mantissa bits, then zstd)"
     )
 
 
@@ -68,11 +68,11 @@ def codec_chain(codec: str, dtype: str, typesize: int) -> tuple[list[Any], list[
     filters: list[Any] = []
     if is_lossy(codec):
         filters.append(_bitround(int(codec.split("-")[1])))
-        codec = "lz4"
+        codec = "zstd"  # rounded-off low bits are zeros, which zstd's entropy coder removes
     if codec == "lz4":
         compressors = [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize)]
     elif codec == "zstd":
-        compressors = [ZstdCodec(level=3)]
+        compressors = [ZstdCodec(level=1)]
     else:
         compressors = []
     return filters, compressors + [Crc32cCodec()]
@@ -111,7 +111,7 @@ def create_store(
 ) -> zarr.Group:
     """A new, empty store with every array allocated at its full shape and nothing committed."""
     group = zarr.open_group(path, mode="w", zarr_format=3)
-    _, token_compressors = codec_chain("lz4", "int32", 4)
+    _, token_compressors = codec_chain("zstd", "int32", 4)
     shards = None if shard_seqs is None else (shard_seqs, seq_len)
     group.create_array(
         "tokens",

@@ -33,28 +33,92 @@ def main() -> None:
 
 @main.command(short_help="Run a model over a corpus and write activations to a Zarr v3 store.")
 @click.argument("out_store")
-@click.option("--model", default="tiny", show_default=True, help="'tiny', a local HF model directory, or a hub name (EleutherAI/pythia-70m).")
-@click.option("--corpus", default="builtin", show_default=True, help="'builtin', text files/dirs/globs, .jsonl/.parquet, a saved HF dataset dir, or .npy token arrays.")
-@click.option("--hooks", default="blocks.1.hook_resid_post", show_default=True, help="Comma-separated TransformerLens hook names, captured in one pass.")
-@click.option("--seq-len", default=128, show_default=True, type=int, help="Tokens per packed sequence (at most the model's context).")
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="'tiny', a local HF model directory, or a hub name (EleutherAI/pythia-70m).",
+)
+@click.option(
+    "--corpus",
+    default="builtin",
+    show_default=True,
+    help="'builtin', text files/dirs/globs, .jsonl/.parquet, a saved HF dataset dir, or .npy token arrays.",
+)
+@click.option(
+    "--hooks",
+    default="blocks.1.hook_resid_post",
+    show_default=True,
+    help="Comma-separated TransformerLens hook names, captured in one pass.",
+)
+@click.option(
+    "--seq-len",
+    default=128,
+    show_default=True,
+    type=int,
+    help="Tokens per packed sequence (at most the model's context).",
+)
 @click.option("--tokens", default="2M", show_default=True, help="Tokens to harvest: 2M, 500k, 1e6 …")
-@click.option("--skip-tokens", default="0", show_default=True, help="Skip this many tokens of the stream first (cuts disjoint stores).")
-@click.option("--split", type=click.Choice(["all", "train", "eval"]), default="all", show_default=True, help="Documents to use: eval = every 20th document, train = the rest.")
-@click.option("--prepend-bos/--no-prepend-bos", default=False, show_default=True, help="Start every sequence with BOS (recorded as the BOS policy).")
-@click.option("--text-column", default="text", show_default=True, help="Text column of JSONL/Parquet/HF dataset corpora.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Stored dtype of the activations.")
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Dtype the model runs in (bf16 is ~3.5x faster on CPUs with AMX/AVX512-bf16 and on GPUs).")
-@click.option("--codec", default="lz4", show_default=True, help="lz4 | zstd | none (lossless) or bitround-N (lossy: keep N mantissa bits).")
+@click.option(
+    "--skip-tokens",
+    default="0",
+    show_default=True,
+    help="Skip this many tokens of the stream first (cuts disjoint stores).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["all", "train", "eval"]),
+    default="all",
+    show_default=True,
+    help="Documents to use: eval = every 20th document, train = the rest.",
+)
+@click.option(
+    "--prepend-bos/--no-prepend-bos",
+    default=False,
+    show_default=True,
+    help="Start every sequence with BOS (recorded as the BOS policy).",
+)
+@click.option(
+    "--text-column", default="text", show_default=True, help="Text column of JSONL/Parquet/HF dataset corpora."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Stored dtype of the activations.",
+)
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype the model runs in (bf16 is ~3.5x faster on CPUs with AMX/AVX512-bf16 and on GPUs).",
+)
+@click.option(
+    "--codec",
+    default="lz4",
+    show_default=True,
+    help="lz4 | zstd | none (lossless) or bitround-N (lossy: keep N mantissa bits, then zstd).",
+)
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Sequences per forward pass.")
-@click.option("--chunk-seqs", default=None, type=int, help="Sequences per Zarr chunk (default: the batch size; must divide it).")
-@click.option("--shard-seqs", default=None, type=int, help="Group chunks into shards of this many sequences (for object storage; slower reads).")
+@click.option(
+    "--chunk-seqs", default=None, type=int, help="Sequences per Zarr chunk (default: the batch size; must divide it)."
+)
+@click.option(
+    "--shard-seqs",
+    default=None,
+    type=int,
+    help="Group chunks into shards of this many sequences (for object storage; slower reads).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True, help="Replace a store at OUT_STORE that was harvested with other settings.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def harvest(out_store: str, **kw) -> None:
     """Harvest activations of --model at --hooks over --corpus into OUT_STORE (resumable: re-run the
     same command after an interruption)."""
-    from actstore.harvest import HarvestOptions, harvest as run
+    from actstore.harvest import HarvestOptions
+    from actstore.harvest import harvest as run
     from actstore.units import parse_count
 
     overwrite, quiet = kw.pop("overwrite"), kw.pop("quiet")

@@ -43,7 +43,9 @@ def test_plain_zarr_finds_tokens_and_activations_where_the_design_says(small_sto
 def test_stored_tokens_and_activations_are_what_the_model_computes(small_store):
     g = st.open_store(small_store)
     model = load_model("tiny")
-    expected_tokens = next(token_sequences(CorpusOptions(corpus="builtin", split="train", seq_len=64), model.tokenizer, batch_seqs=24))
+    expected_tokens = next(
+        token_sequences(CorpusOptions(corpus="builtin", split="train", seq_len=64), model.tokenizer, batch_seqs=24)
+    )
     assert np.array_equal(st.read_tokens(g), expected_tokens)
     # A full forward pass (no early stop) through a plain run_with_cache gives the same activations.
     _, cache = model.bridge.run_with_cache(torch.from_numpy(expected_tokens[:4].astype(np.int64)))
@@ -54,8 +56,22 @@ def test_stored_tokens_and_activations_are_what_the_model_computes(small_store):
 
 
 def _harvest_cmd(out: str, n_seq: int) -> list[str]:
-    return [sys.executable, "-m", "actstore.cli.main", "harvest", out, "--hooks", ",".join(HOOKS), "--seq-len", "64",
-            "--tokens", str(n_seq * 64), "--batch-size", "4", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "actstore.cli.main",
+        "harvest",
+        out,
+        "--hooks",
+        ",".join(HOOKS),
+        "--seq-len",
+        "64",
+        "--tokens",
+        str(n_seq * 64),
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
 
 
 def test_resume_after_sigkill_keeps_every_sequence_bit_identical(tmp_path):
@@ -174,7 +190,9 @@ def test_info_reports_sizes_ratio_and_provenance(small_store):
 def test_a_corpus_shorter_than_asked_gives_a_truncated_store(tmp_path):
     (tmp_path / "c.txt").write_text("a short corpus. " * 20)  # 320 bytes + EOT
     out = str(tmp_path / "s.zarr")
-    harvest(out, HarvestOptions(corpus=str(tmp_path / "c.txt"), hooks=HOOKS[:1], seq_len=32, tokens=100 * 32, batch_size=4))
+    harvest(
+        out, HarvestOptions(corpus=str(tmp_path / "c.txt"), hooks=HOOKS[:1], seq_len=32, tokens=100 * 32, batch_size=4)
+    )
     g = st.open_store(out)
     assert g["tokens"].shape == (10, 32) and st.committed(g) == 10 and g.attrs["truncated"]
     assert os.path.exists(out)

@@ -1,0 +1,76 @@
+"""The shipped tiny model and model loading through TransformerBridge."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from actstore.corpus import CorpusOptions, token_sequences
+from actstore.errors import UsageError
+from actstore.model import check_hooks, hook_layer, load_model, stop_layer
+from actstore.tiny import TINY_DIR, VOCAB_SIZE
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def test_tiny_is_a_pythia_shaped_gpt_neox_with_early_mid_and_late_layers(tiny):
+    cfg = tiny.bridge.cfg
+    assert cfg.n_layers >= 4 and cfg.d_vocab == VOCAB_SIZE
+    hf = tiny.bridge.original_model.config
+    assert hf.model_type == "gpt_neox" and hf.use_parallel_residual
+    assert (TINY_DIR / "model.safetensors").stat().st_size < 8 * 2**20
+
+
+def test_tiny_predicts_held_out_text_far_better_than_byte_frequencies(tiny):
+    opts = CorpusOptions(corpus="builtin", split="eval", seq_len=128)
+    tokens = next(token_sequences(opts, tiny.tokenizer, batch_seqs=16))
+    x = torch.from_numpy(tokens.astype(np.int64))
+    with torch.inference_mode():
+        logits = tiny.bridge(x).float()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+    counts = np.bincount(tokens.reshape(-1), minlength=VOCAB_SIZE)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())
+    assert ce < 0.35 * unigram, (ce / math.log(2), unigram / math.log(2))
+
+
+def test_a_local_hf_directory_loads_like_tiny(tiny):
+    local = load_model(str(TINY_DIR))
+    assert local.source == "local"
+    x = torch.arange(20).reshape(1, 20)
+    with torch.inference_mode():
+        assert torch.equal(local.bridge(x), tiny.bridge(x))
+
+
+def test_unknown_hook_error_lists_the_valid_ones(tiny):
+    with pytest.raises(UsageError) as err:
+        check_hooks(tiny, ["blocks.9.hook_resid_post"])
+    assert "blocks.{L}.hook_resid_post" in str(err.value) and "L = 0…5" in str(err.value)
+
+
+def test_stop_layer_is_one_past_the_deepest_hook():
+    assert hook_layer("blocks.3.attn.hook_z") == 3
+    assert stop_layer(["blocks.1.hook_resid_post", "blocks.3.hook_mlp_out"]) == 4
+    assert stop_layer(["hook_embed"]) == 0
+    assert stop_layer(["blocks.1.hook_resid_post", "ln_final.hook_normalized"]) is None
+
+
+def test_the_install_adds_no_generic_top_level_cli_or_sql_module(tmp_path):
+    # Run outside the repo: pytest puts the repo root on sys.path, where cli/ and sql/ live as folders.
+    probe = (
+        "import importlib.util as u, importlib.resources as r\n"
+        "assert u.find_spec('cli') is None and u.find_spec('sql') is None\n"
+        "import actstore.cli.main\n"
+        "assert (r.files('actstore.sql') / 'README.md').is_file()\n"
+        "assert (r.files('actstore.models') / 'tiny' / 'config.json').is_file()\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": ""})
