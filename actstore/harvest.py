@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
 from actstore import __version__
 from actstore import store as st
@@ -82,6 +83,10 @@ def _validate(o: HarvestOptions) -> None:
         raise UsageError(f"--tokens {o.tokens} is less than one sequence of {o.seq_len}; ask for more tokens")
     if o.batch_size < 1 or o.skip_tokens < 0:
         raise UsageError("--batch-size must be ≥ 1 and --skip-tokens ≥ 0")
+    if o.chunk_seqs is not None and o.chunk_seqs < 1 or o.shard_seqs is not None and o.shard_seqs < 1:
+        raise UsageError("--chunk-seqs and --shard-seqs must be at least 1")
+    if len(set(o.hooks)) != len(o.hooks):
+        raise UsageError(f"--hooks names a hook twice ({', '.join(o.hooks)}); list each once")
     chunk = o.chunk_seqs or o.batch_size
     if o.batch_size % chunk:
         raise UsageError(f"--chunk-seqs {chunk} must divide --batch-size {o.batch_size}")
@@ -102,14 +107,31 @@ def _check_writable(out: str) -> None:
         raise UsageError(f"cannot write to {out}: {parent} is not a writable directory; choose another path")
 
 
-def _existing_settings(out: str) -> dict[str, Any] | None:
-    """The settings of a store already at `out`, None if nothing is there; refuses foreign content."""
+def _existing_settings(out: str, overwrite: bool) -> dict[str, Any] | None:
+    """The settings of a store already at `out`, None if nothing (or an empty store) is there.
+
+    Foreign content is refused; with `overwrite`, a Zarr group without our settings (left by a crash
+    of an older version, say) counts as replaceable.
+    """
+    if "://" in out:
+        try:
+            return dict(zarr.open_group(out, mode="r").attrs.get("settings", {})) or None
+        except Exception:
+            return None
     p = Path(out)
-    if "://" in out or not p.exists() or not any(p.iterdir()):
+    if not p.exists() or not any(p.iterdir()):
         return None
     if not (p / "zarr.json").exists():
         raise UsageError(f"{out} exists and is not an actstore store; choose an empty or new path")
-    return dict(st.open_store(out).attrs.get("settings", {}))
+    try:
+        attrs = dict(zarr.open_group(out, mode="r").attrs)
+    except Exception as exc:
+        raise StoreError(f"cannot read the store at {out} ({exc}); use --overwrite or another path") from exc
+    if "settings" not in attrs:
+        if overwrite:
+            return {"foreign": True}
+        raise UsageError(f"{out} is a Zarr group but not an actstore store; use --overwrite or another path")
+    return dict(attrs["settings"])
 
 
 class _Writer(threading.Thread):
@@ -187,20 +209,26 @@ def harvest(
 ) -> str:
     """Harvest activations into the store at `out` (resuming it if it holds the same settings).
 
-    `loaded` reuses a model already booted with the same name, device and compute dtype (notebooks,
-    benchmarks); otherwise the model named in the options is loaded.
+    Keyword options are those of `HarvestOptions` (hooks as a list or a comma-separated string,
+    token counts as ints or strings like "2M"). `loaded` reuses a model already booted with the same
+    name, device and compute dtype (notebooks, benchmarks). With `overwrite`, a store of other settings
+    is replaced only once the new one is complete: the new one grows beside it and is swapped in.
     """
-    o = options or HarvestOptions(**{k: tuple(v) if k == "hooks" else v for k, v in kwargs.items()})
+    o = options or _options_from_kwargs(kwargs)
     _validate(o)
+    out = _local_path(out)
     _check_writable(out)
-    existing = _existing_settings(out)
     settings = o.settings()
-    if existing is not None and existing != settings and not overwrite:
-        diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
-        raise StoreError(
-            f"{out} holds a store harvested with other settings ({', '.join(diff)}); "
-            "use --overwrite to replace it or choose another path"
-        )
+    existing = _existing_settings(out, overwrite)
+    target = out
+    if existing is not None and existing != settings:
+        if not overwrite:
+            diff = sorted(k for k in set(existing) | set(settings) if existing.get(k) != settings.get(k))
+            raise StoreError(
+                f"{out} holds a store harvested with other settings ({', '.join(diff)}); "
+                "use --overwrite to replace it or choose another path"
+            )
+        target = out.rstrip("/") + ".overwrite-partial"  # the old store stays until the new one is done
     model = loaded or load_model(o.model, o.device, o.compute_dtype)
     if (model.name, model.device, model.compute_dtype) != (o.model, o.device, o.compute_dtype):
         raise UsageError("the loaded model does not match the options' model, device or compute dtype")
@@ -211,13 +239,16 @@ def harvest(
             f"--seq-len {o.seq_len} is longer than {o.model}'s context of {model.n_ctx}; use at most {model.n_ctx}"
         )
 
-    resume = existing == settings
-    group = st.open_store(out, mode="r+") if resume else None
+    group = None
+    if _existing_settings(target, overwrite=True) == settings:
+        group = st.open_store(target, mode="r+")
+        if "tokens" not in group:  # killed while its arrays were being created: nothing was written
+            group = None
     start = st.committed(group) if group is not None else 0
     start -= start % o.batch_size  # restart at a batch boundary: the same batches give the same bits
     if group is not None and st.committed(group) >= group["tokens"].shape[0]:
-        _say(progress, f"{out}: already complete ({st.committed(group)} sequences)")
-        return out
+        _say(progress, f"{target}: already complete ({st.committed(group)} sequences)")
+        return _finish(out, target)
 
     batches = token_sequences(o.corpus_options(), model.tokenizer, start_seq=start, batch_seqs=o.batch_size)
     first = next(batches, None)
@@ -225,10 +256,11 @@ def harvest(
         raise UsageError(
             f"corpus {o.corpus!r} (split {o.split}, skipping {o.skip_tokens} tokens) gives no full sequence "
             f"of {o.seq_len} tokens; give a larger corpus or a smaller --seq-len/--skip-tokens"
+            + (" (splits are by document: a one-document corpus has no eval split)" if o.split != "all" else "")
         )
     _check_vocab(first, model)
     if group is None:
-        group = _create(out, o, model, hooks, first)
+        group = _create(target, o, model, hooks, first)
         start = 0
     lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()} if start else {}
     for acc in lossy.values():  # sums are only valid up to the batch boundary we restart from
@@ -241,6 +273,7 @@ def harvest(
         batch = first
         while batch is not None and seq < o.n_seq:
             batch = batch[: o.n_seq - seq]
+            _check_vocab(batch, model)
             tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
             acts = capture(model, tokens, hooks)
             writer.put((seq, batch, {h: _to_numpy(a, o.dtype) for h, a in acts.items()}))
@@ -254,10 +287,43 @@ def harvest(
             bar.close()
     if seq < o.n_seq:
         _truncate(group, seq)
-        _say(
-            progress,
+        print(
             f"warning: the corpus ran out after {seq} sequences ({seq * o.seq_len} tokens); the store holds those",
+            file=sys.stderr,
         )
+    return _finish(out, target)
+
+
+def _options_from_kwargs(kwargs: dict[str, Any]) -> HarvestOptions:
+    from actstore.units import parse_count
+
+    kw = dict(kwargs)
+    if isinstance(kw.get("hooks"), str):
+        kw["hooks"] = kw["hooks"].split(",")
+    if "hooks" in kw:
+        kw["hooks"] = tuple(h.strip() for h in kw["hooks"] if h.strip())
+    for key in ("tokens", "skip_tokens"):
+        if key in kw:
+            kw[key] = parse_count(kw[key])
+    unknown = set(kw) - set(HarvestOptions.__dataclass_fields__)
+    if unknown:
+        raise UsageError(f"unknown harvest option(s) {', '.join(sorted(unknown))}")
+    return HarvestOptions(**kw)
+
+
+def _local_path(out: str) -> str:
+    return out[len("file://") :] if out.startswith("file://") else out
+
+
+def _finish(out: str, target: str) -> str:
+    """Swap a completed replacement store into place (the old one is removed only now)."""
+    if target != out:
+        import shutil
+
+        old = out.rstrip("/") + ".replaced"
+        os.replace(out, old)
+        os.replace(target, out)
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

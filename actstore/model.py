@@ -30,6 +30,7 @@ class LoadedModel:
     source: str  # "tiny", "local" or "hub"
     device: str
     compute_dtype: str
+    _per_token_hooks: list[str] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -115,13 +116,30 @@ def hook_patterns(names: list[str]) -> list[str]:
     return sorted({_LAYER.sub("blocks.{L}.", n) for n in names})
 
 
+def per_token_hooks(model: LoadedModel) -> list[str]:
+    """Hooks that fire once per token with shape (batch, pos, …): the ones a store can hold.
+
+    Found by one forward pass on 22 tokens caching everything (cheap, and cached on the model), because
+    TransformerLens also lists hooks that never fire for an architecture or are per head-pair.
+    """
+    if getattr(model, "_per_token_hooks", None) is None:
+        # batch 2 × 11 positions: no head count or rotary table is likely to share those sizes
+        tokens = torch.arange(22).reshape(2, 11) % int(model.bridge.cfg.d_vocab)
+        with torch.inference_mode():
+            _, cache = model.bridge.run_with_cache(tokens.to(model.device))
+        model._per_token_hooks = sorted(
+            name for name, a in cache.items() if a.ndim >= 3 and tuple(a.shape[:2]) == (2, 11)
+        )
+    return model._per_token_hooks
+
+
 def check_hooks(model: LoadedModel, hooks: list[str]) -> None:
-    valid = set(model.hook_names())
+    valid = per_token_hooks(model)
     bad = [h for h in hooks if h not in valid]
     if bad:
         raise UsageError(
-            f"unknown hookpoint {', '.join(bad)}; valid ones (L = 0…{model.n_layers - 1}): "
-            + ", ".join(hook_patterns(sorted(valid)))
+            f"unknown hookpoint {', '.join(bad)} (a store holds hooks that fire once per token); "
+            f"valid ones (L = 0…{model.n_layers - 1}): " + ", ".join(hook_patterns(valid))
         )
 
 

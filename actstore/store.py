@@ -110,7 +110,13 @@ def create_store(
     attrs: dict[str, Any],
 ) -> zarr.Group:
     """A new, empty store with every array allocated at its full shape and nothing committed."""
-    group = zarr.open_group(path, mode="w", zarr_format=3)
+    # The attributes (settings, provenance, an empty commit record) go into the group's first write,
+    # so no kill can leave a group at `path` that does not say what it is.
+    attrs = {**attrs, "commit": {"n_seq": 0, "updated": now()}}
+    try:
+        group = zarr.create_group(path, overwrite=True, attributes=attrs, zarr_format=3)
+    except OSError as exc:
+        raise UsageError(f"cannot write the store at {path} ({exc.strerror or exc}); choose a writable path") from exc
     _, token_compressors = codec_chain("zstd", "int32", 4)
     shards = None if shard_seqs is None else (shard_seqs, seq_len)
     group.create_array(
@@ -139,7 +145,6 @@ def create_store(
             fill_value=0,
         )
         arr.attrs.update({"actstore_dtype": dtype, "hook": hook})
-    group.attrs.update({**attrs, "commit": {"n_seq": 0, "updated": now()}})
     return group
 
 

@@ -141,6 +141,118 @@ def info(store: str, as_json: bool) -> None:
     click.echo(info_json(facts) if as_json else format_info(facts))
 
 
+@main.command(short_help="Train TopK SAE sweeps from a store; SAEs of a hook share one pass over the data.")
+@click.argument("store")
+@click.option(
+    "--out", "run", required=True, help="Run directory: SAEs go to RUN/saes/<sae_id>/, curves to RUN/records/curves/."
+)
+@click.option("--hooks", required=True, help="Comma-separated hooks of the store.")
+@click.option("--k", "ks", default="32", show_default=True, help="Comma-separated k values (active latents per token).")
+@click.option(
+    "--expansion", default="8", show_default=True, help="Comma-separated expansion factors (d_sae = expansion × d_in)."
+)
+@click.option(
+    "--tokens",
+    default="1M",
+    show_default=True,
+    help="Comma-separated token budgets (1M, 500k, …); budgets share the stream.",
+)
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated initialisation seeds.")
+@click.option("--batch-size", default=4096, show_default=True, type=int, help="Tokens per step.")
+@click.option(
+    "--lr", default=None, type=float, help="Peak learning rate (default: 2e-4 / sqrt(d_sae / 2^14), Gao et al.)."
+)
+@click.option(
+    "--dead-tokens",
+    default=None,
+    help="A latent is dead after this many tokens without firing (default: min(10M, budget/10)).",
+)
+@click.option(
+    "--auxk-coef", default=1 / 32, show_default=True, type=float, help="Weight of the AuxK loss on dead latents."
+)
+@click.option(
+    "--bf16/--no-bf16", "low_precision", default=False, show_default=True, help="Run the encoder matmul in bfloat16."
+)
+@click.option(
+    "--drop-bos/--keep-bos",
+    default=False,
+    show_default=True,
+    help="Leave position 0 of every sequence out of training.",
+)
+@click.option(
+    "--data-seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the data order (shared by every SAE of the run).",
+)
+@click.option(
+    "--checkpoint-seconds",
+    default=120.0,
+    show_default=True,
+    type=float,
+    help="Write a resumable checkpoint this often.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(
+    store: str,
+    run: str,
+    hooks: str,
+    ks: str,
+    expansion: str,
+    tokens: str,
+    seeds: str,
+    batch_size: int,
+    lr: float | None,
+    dead_tokens: str | None,
+    auxk_coef: float,
+    low_precision: bool,
+    drop_bos: bool,
+    data_seed: int,
+    checkpoint_seconds: float,
+    device: str,
+    quiet: bool,
+) -> None:
+    """Train every combination of --hooks × --k × --expansion × --tokens × --seeds on STORE (resumable:
+    re-run the same command after an interruption)."""
+    from actstore.errors import UsageError
+    from actstore.model import resolve_device
+    from actstore.train import TrainOptions, summary, sweep
+    from actstore.train import train as run_train
+    from actstore.units import parse_count
+
+    def ints(name: str, text: str) -> list[int]:
+        try:
+            return [int(v) for v in _csv(text)]
+        except ValueError:
+            raise UsageError(f"--{name} takes comma-separated whole numbers, got {text!r}") from None
+
+    specs = sweep(
+        list(_csv(hooks)),
+        ints("k", ks),
+        ints("expansion", expansion),
+        [parse_count(t) for t in _csv(tokens)],
+        ints("seeds", seeds),
+    )
+    options = TrainOptions(
+        batch_size=batch_size,
+        lr=lr,
+        dead_tokens=parse_count(dead_tokens) if dead_tokens else None,
+        auxk_coef=auxk_coef,
+        low_precision=low_precision,
+        data_seed=data_seed,
+        drop_first_positions=1 if drop_bos else 0,
+        checkpoint_seconds=checkpoint_seconds,
+        device=resolve_device(device),
+    )
+    run_train(store, run, specs, options, progress=not quiet)
+    wanted = {s.sae_id for s in specs}
+    for row in summary(run):
+        if row["sae_id"] in wanted:
+            click.echo(f"{row['sae_id']:<48} FVU {row['fvu']:.4f}  dead {row['dead_frac']:.3f}  L0 {row['l0']:.1f}")
+
+
 @main.command(short_help="Run the whole pipeline on the shipped tiny model (what `make demo` runs).")
 @click.option("--out", default="demo", show_default=True, help="Directory for the demo's stores and outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

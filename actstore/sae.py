@@ -1,0 +1,247 @@
+"""The TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    z = TopK(W_enc (x − b_dec) + b_enc),   x̂ = W_dec z + b_dec,   rows of W_dec unit norm.
+
+Why the custom autograd functions: with k of d_sae latents active, the dense latent matrix wastes
+d_sae/k of the work in the decoder and in every backward product. Encoding is one dense matmul (the
+unavoidable cost); everything after it works on the k active (index, value) pairs: the decode gathers k
+rows of W_dec per token (`embedding_bag`), and the backward passes use sparse products. Tests compare
+values and gradients with the dense computation.
+
+Weights are kept in SAELens's layout (W_enc: d_in × d_sae, W_dec: d_sae × d_in) so saving is a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+AUXK_COEF = 1 / 32  # Gao et al., section A.2
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+EPS = 1e-10
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: Tensor
+    """Values of the k active latents per token, ≥ 0 (n, k)."""
+
+    top_indices: Tensor
+    """Indices of the k active latents per token (n, k)."""
+
+
+class ForwardOutput(NamedTuple):
+    recon: Tensor
+    """Reconstruction x̂ (n, d_in)."""
+
+    top_acts: Tensor
+    """Values of the active latents (n, k)."""
+
+    top_indices: Tensor
+    """Indices of the active latents (n, k)."""
+
+    fvu: Tensor
+    """Fraction of variance unexplained on this batch: Σ‖x − x̂‖² / Σ‖x − mean(x)‖²."""
+
+    auxk_loss: Tensor
+    """AuxK loss: FVU of the top-k_aux dead latents' reconstruction of the error (0 when none is dead)."""
+
+
+def _sparse_rows(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
+    """The (n, n_cols) CSR matrix with `values` at (row, indices[row]): k entries per row."""
+    n, k = indices.shape
+    crow = torch.arange(0, n * k + 1, k, device=indices.device, dtype=torch.int64)
+    return torch.sparse_csr_tensor(
+        crow, indices.reshape(-1).to(torch.int64), values.reshape(-1), (n, n_cols), check_invariants=False
+    )
+
+
+def _scatter_rows_t(indices: Tensor, values: Tensor, dense: Tensor, n_rows: int) -> Tensor:
+    """Sᵀ @ dense for S = `_sparse_rows(indices, values)`: (n_rows, d) in k·n·d work.
+
+    Each output row j sums the token rows where latent j fired: an `embedding_bag` over tokens grouped
+    by latent (measured 2x faster than a COO sparse.mm and 5x faster than index_add on CPU).
+    """
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_rows)
+    offsets = torch.zeros(n_rows, dtype=torch.int64, device=flat.device)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return F.embedding_bag(order // k, dense, offsets, per_sample_weights=values.reshape(-1)[order], mode="sum")
+
+
+def _gathered_dot(indices: Tensor, weight: Tensor, grad: Tensor) -> Tensor:
+    """(weight[indices] · grad[:, None]).sum(-1): grad @ weightᵀ sampled at the k active latents."""
+    pattern = _sparse_rows(indices, torch.zeros(indices.shape, dtype=grad.dtype, device=grad.device), weight.shape[0])
+    return torch.sparse.sampled_addmm(pattern, grad, weight.t(), beta=0.0).values().reshape(indices.shape)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """Dense pre-activations, top-k, ReLU; backward touches only the k selected latents per token."""
+
+    @staticmethod
+    def forward(ctx, x_c: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, low_precision: bool):  # type: ignore[override]
+        if low_precision:  # the one big matmul in bf16 (~3.5x faster on these CPUs and on GPUs)
+            pre = (x_c.to(torch.bfloat16) @ W_enc.to(torch.bfloat16)).float() + b_enc
+        else:
+            pre = torch.addmm(b_enc, x_c, W_enc)
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        vals = vals.relu()
+        ctx.save_for_backward(x_c, W_enc, idx, vals)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+    @staticmethod
+    def backward(ctx, g_vals: Tensor, _g_idx: Tensor):  # type: ignore[override]
+        x_c, W_enc, idx, vals = ctx.saved_tensors
+        g = g_vals * (vals > 0)
+        d_sae = W_enc.shape[1]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:  # Σ_j g_j W_enc[:, idx_j]: a gather of k encoder columns per token
+            grad_x = F.embedding_bag(idx, W_enc.t().contiguous(), per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _scatter_rows_t(idx, g, x_c, d_sae).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x̂ − b_dec = Σ_j vals_j W_dec[idx_j]: gathers k decoder rows per token."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, idx: Tensor, W_dec: Tensor):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):  # type: ignore[override]
+        vals, idx, W_dec = ctx.saved_tensors
+        g_vals = _gathered_dot(idx, W_dec, g_out) if ctx.needs_input_grad[0] else None
+        g_W = _scatter_rows_t(idx, vals, g_out, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        return g_vals, None, g_W
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    return _SparseDecode.apply(vals, idx, W_dec)
+
+
+def dense_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """The reference: scatter into a dense (n, d_sae) latent matrix, then a full matmul."""
+    z = torch.zeros(len(idx), W_dec.shape[0], dtype=vals.dtype, device=vals.device).scatter(1, idx, vals)
+    return z @ W_dec
+
+
+class TopKSAE(nn.Module):
+    """A TopK SAE with a pre-encoder bias and unit-norm decoder rows."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        low_precision: bool = False,
+        dense_decoder: bool = False,
+    ):
+        super().__init__()
+        if not 0 < k < d_sae:
+            raise ValueError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}, got {k}")
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        self.low_precision, self.dense_decoder = low_precision, dense_decoder
+        gen = torch.Generator().manual_seed(seed)
+        # Gao et al.: decoder rows are random unit directions and the encoder starts as their transpose.
+        w = torch.randn(d_sae, d_in, generator=gen)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.to(device))
+        self.W_enc = nn.Parameter(w.t().contiguous().to(device))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        vals, idx = _TopKEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, self.k, self.low_precision)
+        return EncoderOutput(vals, idx)
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        decode = dense_decode if self.dense_decoder else sparse_decode
+        return decode(top_acts, top_indices, self.W_dec) + self.b_dec
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+        top_acts, top_indices = self.encode(x)
+        recon = self.decode(top_acts, top_indices)
+        err = x - recon
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(EPS)
+        fvu = err.pow(2).sum() / total_var
+        auxk = x.new_zeros(())
+        if dead_mask is not None and bool(dead_mask.any()):
+            auxk = self._auxk_loss(x, err, dead_mask)
+        return ForwardOutput(recon, top_acts, top_indices, fvu, auxk)
+
+    def _auxk_loss(self, x: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
+        """How well the top-k_aux dead latents reconstruct the live ones' error (Gao et al., A.2)."""
+        dead = dead_mask.nonzero().squeeze(1)
+        k_aux = min(self.d_in // 2, len(dead))
+        pre = (x - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]
+        vals, local = pre.topk(k_aux, dim=-1, sorted=False)
+        e_hat = F.embedding_bag(local, self.W_dec[dead], per_sample_weights=vals.relu(), mode="sum")
+        target = err.detach()
+        return (e_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(EPS)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(EPS)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder(self) -> None:
+        """Project out of each row's gradient its component along the (unit) row: the step keeps norms."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec
+
+    # -- saving in SAELens's layout ---------------------------------------------------------------
+
+    def save(self, path: str | Path, cfg_extra: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.named_parameters()}
+        save_file(tensors, str(path / "sae_weights.safetensors"))
+        cfg = {
+            "architecture": "topk",
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            **cfg_extra,
+        }
+        (path / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> TopKSAE:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = json.loads((path / "cfg.json").read_text())
+        sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], device=device)
+        state = load_file(str(path / "sae_weights.safetensors"), device=device)
+        sae.load_state_dict({k: state[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+        return sae
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al.'s width scaling: 2e-4 at 2^14 latents, ∝ 1/√d_sae."""
+    return 2e-4 / (d_sae / 2**14) ** 0.5

@@ -1,0 +1,241 @@
+"""Training: the loader's stream, sweeps in one pass, resume, known-answer recovery, AuxK, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from actstore.errors import StoreError, UsageError
+from actstore.loader import ActivationLoader, LoaderOptions
+from actstore.train import SAESpec, TrainOptions, _Trainee, sweep, train
+
+from .synthetic import sparse_dictionary_data, write_store
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def dict_store(tmp_path_factory):
+    """25,600 tokens of 3-sparse codes over a known 64-atom dictionary in 32 dimensions."""
+    x, D = sparse_dictionary_data(400 * 64, d=32, n_atoms=64, k=3, noise=0.01)
+    path = write_store(str(tmp_path_factory.mktemp("syn") / "dict.zarr"), x.reshape(400, 64, 32))
+    return path, D
+
+
+def _all(loader) -> np.ndarray:
+    return torch.cat(list(loader)).numpy()
+
+
+def test_loader_is_an_exact_deterministic_shuffle_of_the_store(dict_store):
+    path, _ = dict_store
+    import zarr
+
+    rows = zarr.open_group(path, mode="r")[f"acts/{HOOK}"][:].reshape(-1, 32)
+    opts = LoaderOptions(batch_size=1000, seed=7, group_chunks=4)
+    a = _all(ActivationLoader(path, HOOK, len(rows), opts))
+    assert a.shape == rows.shape
+    assert not np.array_equal(a, rows)  # shuffled …
+    assert np.array_equal(np.sort(a, axis=0), np.sort(rows, axis=0))  # … a permutation: every row once
+    assert np.array_equal(a, _all(ActivationLoader(path, HOOK, len(rows), opts)))  # same seed, same stream
+    assert not np.array_equal(a, _all(ActivationLoader(path, HOOK, len(rows), LoaderOptions(1000, seed=8))))
+
+
+def test_loader_budgets_are_exact_and_resume_anywhere(dict_store):
+    path, _ = dict_store
+    opts = LoaderOptions(batch_size=1000, seed=1)
+    whole = _all(ActivationLoader(path, HOOK, 60_000, opts))  # beyond one epoch: a second, reshuffled pass
+    assert len(whole) == 60_000
+    sizes = [len(b) for b in ActivationLoader(path, HOOK, 60_000, opts)]
+    assert sizes[:-1] == [1000] * (len(sizes) - 1)
+    tail = _all(ActivationLoader(path, HOOK, 60_000, opts, start_token=12_345))
+    assert np.array_equal(tail, whole[12_345:])
+
+
+def test_loader_drops_first_positions(tmp_path):
+    acts = np.zeros((8, 16, 4), dtype=np.float32)
+    acts[:, 0] = 100.0  # a BOS-like outlier at position 0
+    path = write_store(str(tmp_path / "s.zarr"), acts, chunk_seqs=4)
+    rows = _all(ActivationLoader(path, HOOK, 8 * 15, LoaderOptions(batch_size=32, drop_first_positions=1)))
+    assert len(rows) == 8 * 15 and rows.max() == 0.0
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    import zarr
+
+    path = write_store(str(tmp_path / "s.zarr"), np.zeros((8, 4, 4), dtype=np.float32), chunk_seqs=4)
+    g = zarr.open_group(path, mode="r+")
+    g.attrs["commit"] = {"n_seq": 4}
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationLoader(path, HOOK, 10)
+
+
+def _max_cos(learned: np.ndarray, true: np.ndarray) -> float:
+    learned = learned / np.linalg.norm(learned, axis=1, keepdims=True)
+    return float((true @ learned.T).max(axis=1).mean())
+
+
+def test_sae_recovers_a_known_dictionary(dict_store, tmp_path):
+    path, D = dict_store
+    specs = [SAESpec(HOOK, k=3, expansion=4, tokens=400_000, seed=0)]
+    (out,) = train(path, str(tmp_path / "run"), specs, TrainOptions(batch_size=512, lr=3e-3, dead_tokens=20_000))
+    W_dec = load_file(f"{out}/sae_weights.safetensors")["W_dec"].numpy()
+    recovered = _max_cos(W_dec, D)
+    # Chance level: the best match among 128 random directions in 32 dimensions (~0.6). A learned
+    # atom within ~25° of every true one (cos > 0.9) is recovery, not luck.
+    chance = _max_cos(np.random.default_rng(12345).standard_normal((128, 32)), D)
+    assert chance < 0.7
+    assert recovered > 0.9, recovered
+
+
+def test_auxk_revives_latents_that_would_stay_dead(dict_store):
+    path, _ = dict_store
+    spec = SAESpec(HOOK, k=3, expansion=4, tokens=240_000, seed=0)
+    dead_after = {}
+    for coef in (0.0, 1 / 32):
+        o = TrainOptions(batch_size=512, lr=3e-3, dead_tokens=2_000, auxk_coef=coef)
+        t = _Trainee(spec, 32, o, torch.zeros(32))
+        with torch.no_grad():
+            t.sae.b_enc[32:] = -2.0  # 3/4 of the latents start too far down to win the top-k
+        for batch in ActivationLoader(path, HOOK, spec.tokens, LoaderOptions(batch_size=512)):
+            t.train_step(batch)
+        dead_after[coef] = float((t.since_fired >= o.dead_tokens).float().mean())
+    # Measured: 0.70 dead without AuxK, 0.45 with it. The 32 live latents cannot cover 64 atoms, so the
+    # error is large, and AuxK trains the dead latents on exactly that error until they win slots.
+    assert dead_after[0.0] >= 0.6, dead_after
+    assert dead_after[1 / 32] <= dead_after[0.0] - 0.15, dead_after
+
+
+def test_budget_sweep_in_one_pass_equals_a_separate_run(dict_store, tmp_path):
+    path, _ = dict_store
+    o = TrainOptions(batch_size=1000, lr=2e-3)
+    train(path, str(tmp_path / "sweep"), sweep([HOOK], [4], [2], [10_000, 30_000], [0, 1]), o)
+    train(path, str(tmp_path / "alone"), sweep([HOOK], [4], [2], [10_000], [1]), o)
+    a = load_file(str(tmp_path / "sweep/saes" / f"{HOOK}__k4_x2_10k_s1" / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "alone/saes" / f"{HOOK}__k4_x2_10k_s1" / "sae_weights.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    seeds = [
+        load_file(str(tmp_path / "sweep/saes" / f"{HOOK}__k4_x2_30k_s{s}" / "sae_weights.safetensors"))["W_dec"]
+        for s in (0, 1)
+    ]
+    assert not torch.equal(*seeds)
+
+
+def test_outputs_config_curves_and_fire_counts(dict_store, tmp_path):
+    path, _ = dict_store
+    (out,) = train(
+        path, str(tmp_path / "run"), [SAESpec(HOOK, 4, 2, 8_000, 0)], TrainOptions(batch_size=1000, log_every=2)
+    )
+    cfg = json.loads(Path(out, "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["hook_name"] == HOOK and cfg["d_sae"] == 64 and cfg["k"] == 4
+    assert cfg["model_name"] == "synthetic" and cfg["actstore"]["train_tokens"] == 8_000
+    assert cfg["actstore"]["loader"]["seed"] == 0
+    curves = pl.read_parquet(tmp_path / "run" / "records" / "curves" / f"{Path(out).name}.parquet")
+    for col in (
+        "step",
+        "tokens",
+        "mse",
+        "nmse",
+        "explained_variance",
+        "l0",
+        "dead_frac",
+        "batch_usage",
+        "lr",
+        "aux_loss",
+    ):
+        assert col in curves.columns
+    assert curves["tokens"].max() == 8_000 and (curves["l0"] <= 4).all()
+    fires = load_file(str(Path(out) / "fire_counts.safetensors"))
+    assert int(fires["fire_counts"].sum()) <= 4 * 8_000 and int(fires["tokens"]) == 8_000
+
+
+def _train_cmd(store: str, run: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "actstore.cli.main",
+        "train",
+        store,
+        "--out",
+        run,
+        "--hooks",
+        HOOK,
+        "--k",
+        "4",
+        "--expansion",
+        "8",
+        "--tokens",
+        "300k",
+        "--batch-size",
+        "500",
+        "--checkpoint-seconds",
+        "0",
+        "--quiet",
+    ]
+
+
+def test_resume_after_kill_reaches_the_same_weights(dict_store, tmp_path):
+    path, _ = dict_store
+    killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
+    proc = subprocess.Popen(_train_cmd(path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = Path(killed) / "checkpoints" / f"{HOOK}.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # a few more steps past the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final = Path(killed) / "saes" / f"{HOOK}__k4_x8_300k_s0" / "sae_weights.safetensors"
+    assert ckpt.exists() and not final.exists(), "the run must be killed mid-way for this test to mean anything"
+    subprocess.run(_train_cmd(path, killed), check=True, capture_output=True)
+    subprocess.run(_train_cmd(path, whole), check=True, capture_output=True)
+    a = load_file(str(final))
+    b = load_file(str(Path(whole) / "saes" / f"{HOOK}__k4_x8_300k_s0" / "sae_weights.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert not ckpt.exists()  # cleaned up once the hook is done
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "actstore.cli.main", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--k", "64", "--expansion", "2"], "must be between 1 and d_sae - 1 = 63"),
+        (["--tokens", "0"], "not positive"),
+        (["--hooks", "blocks.9.hook_resid_post"], "is not in"),
+    ],
+)
+def test_bad_train_input_is_one_line(dict_store, tmp_path, args, needle):
+    path, _ = dict_store
+    base = {"--hooks": HOOK, "--k": "4", "--expansion": "2", "--tokens": "1k"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    flat = [item for pair in base.items() for item in pair]
+    result = run_cli("train", path, "--out", str(tmp_path / "run"), *flat, "--quiet")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert not (tmp_path / "run" / "saes").exists()
+
+
+def test_resuming_a_run_on_another_models_store_is_refused(dict_store, tmp_path):
+    path, _ = dict_store
+    run = str(tmp_path / "run")
+    train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000))
+    x, _ = sparse_dictionary_data(8 * 64, d=32, n_atoms=64, k=3)
+    other = write_store(str(tmp_path / "other.zarr"), x.reshape(8, 64, 32), model="another-model")
+    with pytest.raises(UsageError, match="holds SAEs of model 'synthetic'"):
+        train(other, run, [SAESpec(HOOK, 4, 2, 2_000, 1)], TrainOptions(batch_size=1000))
