@@ -85,18 +85,23 @@ def _table_documents(path: Path, text_column: str) -> Iterator[Document]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                if text_column not in row:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{path}:{n} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                if not isinstance(row, dict) or text_column not in row:
+                    fields = sorted(row) if isinstance(row, dict) else []
                     raise UsageError(
-                        f"{path}:{n} has no {text_column!r} field; pass --text-column with one of {sorted(row)}"
+                        f"{path}:{n} has no {text_column!r} field; pass --text-column with one of {fields}"
                     )
-                yield row[text_column]
+                yield _text(row[text_column], f"{path}:{n}")
         return
     import polars as pl
 
     columns = pl.read_parquet_schema(path)
     if text_column in columns:
-        yield from pl.read_parquet(path, columns=[text_column])[text_column].to_list()
+        for i, text in enumerate(pl.read_parquet(path, columns=[text_column])[text_column].to_list()):
+            yield _text(text, f"{path} row {i}")
         return
     for name in TOKEN_COLUMNS:
         if name in columns:
@@ -143,6 +148,8 @@ def iter_documents(corpus: str, text_column: str = "text") -> Iterator[Document]
             yield from _table_documents(path, text_column)
         elif path.suffix in TOKEN_SUFFIXES:
             arr = np.load(path, mmap_mode="r")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise UsageError(f"{path} holds {arr.dtype} values, not token ids; save integer token arrays")
             if arr.ndim == 1:
                 yield np.asarray(arr, dtype=np.int64)
             else:  # one document per row
@@ -150,6 +157,14 @@ def iter_documents(corpus: str, text_column: str = "text") -> Iterator[Document]
                     yield np.asarray(row, dtype=np.int64)
         else:
             yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise UsageError(
+            f"{where}: the text is {type(value).__name__}, not a string; clean the corpus or pick another --text-column"
+        )
+    return value
 
 
 def _select_split(docs: Iterable[Document], split: str) -> Iterator[Document]:
@@ -174,7 +189,8 @@ def _tokenized(docs: Iterable[Document], tokenizer: Any, eot_id: int) -> Iterato
     batch: list[str] = []
 
     def flush() -> Iterator[np.ndarray]:
-        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        clean = [t.encode("utf-8", errors="replace").decode("utf-8") for t in batch]  # lone surrogates
+        ids = tokenizer(clean, add_special_tokens=False)["input_ids"]
         for one in ids:
             yield np.append(np.asarray(one, dtype=np.int64), eot_id)
         batch.clear()
@@ -185,7 +201,9 @@ def _tokenized(docs: Iterable[Document], tokenizer: Any, eot_id: int) -> Iterato
             yield doc
         elif byte_level:
             # Same ids as the tokenizer gives (tested), without the per-document Python overhead.
-            yield np.append(np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int64), eot_id)
+            yield np.append(
+                np.frombuffer(doc.encode("utf-8", errors="replace"), dtype=np.uint8).astype(np.int64), eot_id
+            )
         else:
             batch.append(doc)
             if len(batch) >= 256:

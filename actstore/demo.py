@@ -1,8 +1,9 @@
 """`actstore demo`: the main job end to end on the shipped tiny model, small enough for 2 CPU cores.
 
 Harvests a train store and a disjoint eval store (document-level split) at an early, a mid and a late
-residual stream of the tiny model and prints `actstore info` for both. Later steps (train, eval,
-report, bundle) join as they land.
+residual stream of the tiny model, prints `actstore info` for both, then trains a TopK sweep
+(k ∈ {8, 16, 32, 64}, 8× expansion, 1M tokens) on every hook — one data pass per hook — and prints each
+SAE's final FVU and dead fraction. Later steps (eval, report, bundle) join as they land.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 from actstore.harvest import HarvestOptions, harvest
 from actstore.info import format_info, store_info
+from actstore.train import TrainOptions, summary, sweep, train
 
 DEMO_HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "blocks.5.hook_resid_post")
+DEMO_KS = (8, 16, 32, 64)
 
 
 def demo(
@@ -31,4 +34,19 @@ def demo(
     for path in stores.values():
         print(f"\n== actstore info {path}")
         print(format_info(store_info(path)))
-    return stores
+
+    run = str(root / "run")
+    if progress:
+        print(
+            f"\n== train: k in {DEMO_KS}, 8x expansion, {train_tokens:,} tokens, on {len(DEMO_HOOKS)} hooks",
+            file=sys.stderr,
+        )
+    specs = sweep(list(DEMO_HOOKS), list(DEMO_KS), [8], [train_tokens], [0])
+    train(stores["train"], run, specs, TrainOptions(batch_size=1024), progress=progress)
+    print(f"\n== trained SAEs in {run}/saes (training curves in {run}/records/curves)")
+    print(f"{'sae_id':<48} {'FVU':>7} {'dead':>6}")
+    for row in sorted(
+        summary(run), key=lambda r: (r["sae_id"].split("__")[0], int(r["sae_id"].split("__k")[1].split("_")[0]))
+    ):
+        print(f"{row['sae_id']:<48} {row['fvu']:>7.4f} {row['dead_frac']:>6.3f}")
+    return {**stores, "run": run}

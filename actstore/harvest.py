@@ -241,7 +241,7 @@ def harvest(
 
     group = None
     if _existing_settings(target, overwrite=True) == settings:
-        group = st.open_store(target, mode="r+")
+        group = zarr.open_group(target, mode="r+")
         if "tokens" not in group:  # killed while its arrays were being created: nothing was written
             group = None
     start = st.committed(group) if group is not None else 0

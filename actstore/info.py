@@ -49,7 +49,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"store        {info['path']}",
         f"committed    {info['committed_sequences']:,} / {info['n_seq']:,} sequences × {info['seq_len']} tokens"
-        + ("" if info["complete"] else "  (INCOMPLETE: re-run the same harvest command to resume)"),
+        + ("" if info["complete"] else "  (INCOMPLETE: re-run the same harvest command to resume)")
+        + ("  (truncated: the corpus ran out)" if info["provenance"].get("truncated") else ""),
     ]
     prov = info["provenance"]
     model = prov.get("model", {})
@@ -68,9 +69,14 @@ def format_info(info: dict[str, Any]) -> str:
     for name, a in info["arrays"].items():
         size = a.get("bytes_on_disk")
         extra = f"  {size / 2**20:,.1f} MiB on disk, ratio {a['compression_ratio']}×" if size is not None else ""
-        lines.append(f"  {name:<34} {str(tuple(a['shape'])):<18} {a['dtype']:<9} chunks {tuple(a['chunks'])}{extra}")
+        shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
+        lines.append(
+            f"  {name:<34} {str(tuple(a['shape'])):<18} {a['dtype']:<9} chunks {tuple(a['chunks'])}{shards}{extra}"
+        )
     for hook, err in info["lossy_error"].items():
-        lines.append(f"lossy error  {hook}: max relative {err['max_rel']:.2e}, RMS relative {err['rms_rel']:.2e}")
+        lines.append(
+            f"lossy error  {hook}: per-token |x'-x|/|x| max {err['max_rel']:.2e}; RMS over all values {err['rms_rel']:.2e}"
+        )
     lines.append(f"actstore     {prov.get('actstore', {}).get('version')}, created {prov.get('created')}")
     return "\n".join(lines)
 

@@ -68,6 +68,9 @@ def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -
 
     transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
     transformers.utils.logging.set_verbosity_error()
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter when the hub is unreachable
     if compute_dtype not in COMPUTE_DTYPES:
         raise UsageError(f"unknown compute dtype {compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     device = resolve_device(device)

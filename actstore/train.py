@@ -240,12 +240,19 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
         return [str(run / "saes" / s.sae_id) for s in specs]
     hook = specs[0].hook
     loader_opts = LoaderOptions(batch_size=o.batch_size, seed=o.data_seed, drop_first_positions=o.drop_first_positions)
-    total = max(s.tokens for s in todo)
     ckpt_path = run / "checkpoints" / f"{hook}.pt"
-    ckpt_key = {"specs": [asdict(s) for s in todo], "options": asdict(o), "loader": asdict(loader_opts)}
+
+    def key(of: list[SAESpec]) -> dict[str, Any]:
+        return {"specs": [asdict(s) for s in of], "options": asdict(o), "loader": asdict(loader_opts)}
+
     ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
-    if ckpt is not None and ckpt["key"] != ckpt_key:
+    # A checkpoint written before some SAEs of this sweep finished still covers the rest of it.
+    members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == key(m)), None)
+    if members is None:
         ckpt = None  # another sweep was started here: begin afresh (its finished SAEs are kept)
+        members = todo
+    ckpt_key = key(members)
+    total = max(s.tokens for s in members)
 
     d_in = group["acts"][hook].shape[2]
     if ckpt is None:
@@ -253,10 +260,10 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
         b_dec = geometric_median(first.float())
     else:
         b_dec = torch.zeros(d_in, device=o.device)
-    trainees = [_Trainee(s, d_in, o, b_dec) for s in todo]
+    trainees = [_Trainee(s, d_in, o, b_dec) for s in members]
     position = 0
     if ckpt is not None:
-        for t, state in zip(trainees, ckpt["trainees"]):
+        for t, state in zip(trainees, ckpt["trainees"], strict=True):
             t.load_state(state)
         position = ckpt["position"]
 
@@ -271,7 +278,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
                 _save_trainee(t, run, store, group, o, loader_opts)
         if bar is not None:
             bar.update(len(batch))
-            bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-")
+            bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-", refresh=False)
         if time.monotonic() - last_ckpt >= o.checkpoint_seconds and position < total:
             _write_checkpoint(ckpt_path, ckpt_key, trainees, position)
             last_ckpt = time.monotonic()

@@ -20,6 +20,6 @@ def parse_count(text: str | int) -> int:
             value = float(s) * scale
         except ValueError:
             raise UsageError(f"cannot read token count {text!r}; write it like 2M, 500k, 1e6 or 128000") from None
-    if value != int(value) or value < 0:
+    if value != value or value in (float("inf"), float("-inf")) or value != int(value) or value < 0:
         raise UsageError(f"token count {text!r} is not a whole non-negative number")
     return int(value)

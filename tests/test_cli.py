@@ -92,3 +92,78 @@ def test_output_path_that_is_a_file_is_a_clear_error(tmp_path):
 
 def test_info_on_a_path_that_is_not_a_store_is_a_clear_error(tmp_path):
     _assert_one_line_error(run_cli("info", str(tmp_path)), "not a Zarr v3 store")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--hooks", "blocks.0.attn.hook_pattern"], "once per token"),
+        (["--tokens", "inf"], "not a whole"),
+        (["--chunk-seqs", "-4"], "at least 1"),
+        (["--shard-seqs", "0"], "at least 1"),
+        (["--hooks", "blocks.1.hook_resid_post,blocks.1.hook_resid_post"], "twice"),
+    ],
+)
+def test_more_bad_options_are_one_line_errors(tmp_path, args, needle):
+    out = tmp_path / "s.zarr"
+    _assert_one_line_error(run_cli("harvest", str(out), "--tokens", "4k", "--seq-len", "64", "--quiet", *args), needle)
+    assert not out.exists()
+
+
+def test_bad_corpus_content_is_a_one_line_error_naming_the_place(tmp_path):
+    import numpy as np
+
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": 12}\n')
+    _assert_one_line_error(
+        run_cli("harvest", str(tmp_path / "a"), "--corpus", str(tmp_path / "c.jsonl"), "--quiet"), "c.jsonl:2"
+    )
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{broken\n')
+    _assert_one_line_error(
+        run_cli("harvest", str(tmp_path / "b"), "--corpus", str(tmp_path / "d.jsonl"), "--quiet"), "d.jsonl:2"
+    )
+    np.save(tmp_path / "f.npy", np.ones((4, 64), dtype=np.float32))
+    _assert_one_line_error(
+        run_cli("harvest", str(tmp_path / "c"), "--corpus", str(tmp_path / "f.npy"), "--quiet"), "not token ids"
+    )
+
+
+def test_failed_overwrite_leaves_the_old_store_as_it_was(small_store, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    store = str(tmp_path / "copy.zarr")
+    shutil.copytree(small_store, store)
+    before = tree_digest(store)
+    tokens = np.full((40, 64), 65, dtype=np.int64)
+    tokens[20:, 5] = 300  # past the vocabulary, in the second batch: the failure comes mid-harvest
+    np.save(tmp_path / "bad.npy", tokens)
+    result = run_cli(
+        "harvest",
+        store,
+        "--corpus",
+        str(tmp_path / "bad.npy"),
+        "--seq-len",
+        "64",
+        "--tokens",
+        str(40 * 64),
+        "--batch-size",
+        "8",
+        "--overwrite",
+        "--quiet",
+    )
+    _assert_one_line_error(result, "outside 0")
+    assert tree_digest(store) == before
+
+
+def test_a_store_killed_while_being_created_is_resumed_not_bricked(tmp_path):
+    import zarr
+
+    from actstore.harvest import HarvestOptions, harvest
+
+    out = str(tmp_path / "s.zarr")
+    opts = HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=8)
+    # What a kill right after the group's first write leaves: settings, no arrays.
+    zarr.create_group(out, attributes={"settings": opts.settings(), "commit": {"n_seq": 0}}, zarr_format=3)
+    harvest(out, opts)
+    assert zarr.open_group(out, mode="r").attrs["commit"]["n_seq"] == 8

@@ -221,7 +221,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_train_input_is_one_line(dict_store, tmp_path, args, needle):
     path, _ = dict_store
     base = {"--hooks": HOOK, "--k": "4", "--expansion": "2", "--tokens": "1k"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [item for pair in base.items() for item in pair]
     result = run_cli("train", path, "--out", str(tmp_path / "run"), *flat, "--quiet")
