@@ -25,6 +25,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/harvest.py
+	$(BIN)/python bench/train.py
 
 lint: setup
 	$(BIN)/ruff check actstore cli tests bench examples && $(BIN)/ruff format --check actstore cli tests bench examples

@@ -56,6 +56,8 @@ class LoadedModel:
 def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps asked for, but this torch build has no MPS; use --device cpu")
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise UsageError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
     return device

@@ -78,6 +78,11 @@ def _scatter_rows_t(indices: Tensor, values: Tensor, dense: Tensor, n_rows: int)
 
 def _gathered_dot(indices: Tensor, weight: Tensor, grad: Tensor) -> Tensor:
     """(weight[indices] · grad[:, None]).sum(-1): grad @ weightᵀ sampled at the k active latents."""
+    if grad.is_cuda:  # cuSPARSE assumes sorted column indices; a blocked gather needs no such promise
+        out = torch.empty(indices.shape, dtype=grad.dtype, device=grad.device)
+        for s in range(0, len(indices), 1024):
+            out[s : s + 1024] = torch.bmm(weight[indices[s : s + 1024]], grad[s : s + 1024, :, None]).squeeze(-1)
+        return out
     pattern = _sparse_rows(indices, torch.zeros(indices.shape, dtype=grad.dtype, device=grad.device), weight.shape[0])
     return torch.sparse.sampled_addmm(pattern, grad, weight.t(), beta=0.0).values().reshape(indices.shape)
 
@@ -176,18 +181,21 @@ class TopKSAE(nn.Module):
         decode = dense_decode if self.dense_decoder else sparse_decode
         return decode(top_acts, top_indices, self.W_dec) + self.b_dec
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, total_var: Tensor | None = None) -> ForwardOutput:
+        """`total_var` overrides the batch's own Σ‖x − mean‖² (needed when a batch is too small to have one)."""
         top_acts, top_indices = self.encode(x)
         recon = self.decode(top_acts, top_indices)
         err = x - recon
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(EPS)
+        if total_var is None:
+            total_var = (x - x.mean(0)).pow(2).sum()
+        total_var = total_var.clamp_min(EPS)
         fvu = err.pow(2).sum() / total_var
         auxk = x.new_zeros(())
         if dead_mask is not None and bool(dead_mask.any()):
-            auxk = self._auxk_loss(x, err, dead_mask)
+            auxk = self._auxk_loss(x, err, dead_mask, total_var)
         return ForwardOutput(recon, top_acts, top_indices, fvu, auxk)
 
-    def _auxk_loss(self, x: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
+    def _auxk_loss(self, x: Tensor, err: Tensor, dead_mask: Tensor, total_var: Tensor) -> Tensor:
         """How well the top-k_aux dead latents reconstruct the live ones' error (Gao et al., A.2)."""
         dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(self.d_in // 2, len(dead))
@@ -195,7 +203,8 @@ class TopKSAE(nn.Module):
         vals, local = pre.topk(k_aux, dim=-1, sorted=False)
         e_hat = F.embedding_bag(local, self.W_dec[dead], per_sample_weights=vals.relu(), mode="sum")
         target = err.detach()
-        return (e_hat - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(EPS)
+        # Normalised by the data's variance, like the FVU (sparsify normalises the same way)
+        return (e_hat - target).pow(2).sum() / total_var
 
     @torch.no_grad()
     def set_decoder_norm_to_unit(self) -> None:

@@ -63,15 +63,18 @@ class TrainOptions:
 
 
 def format_tokens(n: int) -> str:
-    """1_000_000 → '1M', 1_500_000 → '1.5M', 250_000 → '250k': stable, readable sae_ids."""
+    """1_000_000 → '1M', 1_500_000 → '1.5M', 250_000 → '250k': stable, readable, never rounded."""
     for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= scale and (n * 10) % scale == 0:  # at most one decimal
-            return f"{n / scale:g}{unit}"
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+        if n >= scale and (n * 10) % scale == 0:
+            return f"{n // scale}.{(n * 10 // scale) % 10}{unit}"
     return str(n)
 
 
 def sweep(hooks: list[str], ks: list[int], expansions: list[int], tokens: list[int], seeds: list[int]) -> list[SAESpec]:
-    return [SAESpec(h, k, e, t, s) for h in hooks for k in ks for e in expansions for t in tokens for s in seeds]
+    specs = [SAESpec(h, k, e, t, s) for h in hooks for k in ks for e in expansions for t in tokens for s in seeds]
+    return list(dict.fromkeys(specs))  # a value given twice is trained once
 
 
 def lr_at(tokens_seen: int, budget: int, peak: float, o: TrainOptions) -> float:
@@ -115,6 +118,7 @@ class _Trainee:
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.seen, self.step, self.curves = 0, 0, []
+        self.var_per_token: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
@@ -126,7 +130,14 @@ class _Trainee:
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.since_fired >= self.dead_tokens
-        out = self.sae(x, dead)
+        # A budget's last slice of the shared batch can be a handful of rows, too few for a variance of
+        # its own: normalise it by the running per-token variance instead.
+        total_var = None
+        if len(x) < 64 and self.var_per_token is not None:
+            total_var = self.var_per_token * len(x)
+        elif len(x) >= 64:
+            self.var_per_token = (x - x.mean(0)).pow(2).sum().detach() / len(x)
+        out = self.sae(x, dead, total_var)
         loss = out.fvu + self.o.auxk_coef * out.auxk_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,6 +183,7 @@ class _Trainee:
             "seen": self.seen,
             "step": self.step,
             "curves": self.curves,
+            "var_per_token": self.var_per_token,
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
@@ -180,6 +192,7 @@ class _Trainee:
         self.since_fired.copy_(s["since_fired"])
         self.fire_counts.copy_(s["fire_counts"])
         self.seen, self.step, self.curves = s["seen"], s["step"], s["curves"]
+        self.var_per_token = s.get("var_per_token")
 
 
 def _fused_adam_ok(device: str) -> bool:
@@ -193,10 +206,11 @@ def train(
     if not specs:
         raise UsageError("nothing to train: give at least one --hooks, --k, --expansion, --tokens and --seeds value")
     for spec in specs:
+        if spec.seed < 0 or spec.expansion < 1:
+            raise UsageError(f"{spec.sae_id}: seeds must be ≥ 0 and expansions ≥ 1")
         if spec.tokens <= 0:
             raise UsageError(f"token budget {spec.tokens} for {spec.sae_id} is not positive; give --tokens like 1M")
-    if options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    _validate_options(options)
     group = st.open_store(store)
     run = Path(out)
     hooks_in_store = st.hooks_of(group)
@@ -216,12 +230,32 @@ def train(
     return done
 
 
+def _validate_options(o: TrainOptions) -> None:
+    import math
+
+    if o.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
+        raise UsageError(f"--lr {o.lr} must be a positive number")
+    if not (math.isfinite(o.auxk_coef) and o.auxk_coef >= 0):
+        raise UsageError(f"--auxk-coef {o.auxk_coef} must be a non-negative number")
+    if o.dead_tokens is not None and o.dead_tokens < 1:
+        raise UsageError(f"--dead-tokens {o.dead_tokens} must be at least 1")
+    if o.data_seed < 0:
+        raise UsageError(f"--data-seed {o.data_seed} must be 0 or more")
+
+
 def _check_run(run: Path, store: str, group: Any) -> None:
     """A run directory belongs to one store's model; refuse to resume it on another model's store."""
     manifest = run / "run.json"
     model = group.attrs.get("model", {}).get("name")
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--out {run} exists and is a file; give a directory for the run")
     if manifest.exists():
-        prior = json.loads(manifest.read_text())
+        try:
+            prior = json.loads(manifest.read_text())
+        except ValueError:
+            raise UsageError(f"{manifest} is damaged (not JSON); repair it or use another --out") from None
         if prior.get("model") != model:
             raise UsageError(
                 f"{run} holds SAEs of model {prior.get('model')!r} but {store} was harvested from {model!r}; "
@@ -235,17 +269,31 @@ def _check_run(run: Path, store: str, group: Any) -> None:
 
 
 def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: TrainOptions, progress: bool) -> list[str]:
+    hook = specs[0].hook
+    loader_opts = LoaderOptions(batch_size=o.batch_size, seed=o.data_seed, drop_first_positions=o.drop_first_positions)
+    wanted = run_settings(store, o, loader_opts)
+    for spec in specs:
+        cfg_file = run / "saes" / spec.sae_id / "cfg.json"
+        if cfg_file.exists() and (run / "saes" / spec.sae_id / "sae_weights.safetensors").exists():
+            had = json.loads(cfg_file.read_text()).get("actstore", {}).get("settings")
+            if had != wanted:
+                diff = sorted(
+                    k for k in (had or {}).get("options", {}) if had["options"][k] != wanted["options"].get(k)
+                )
+                raise UsageError(
+                    f"{run}/saes/{spec.sae_id} was trained with other settings ({', '.join(diff) or 'store or loader'}); "
+                    "use another --out"
+                )
     todo = [s for s in specs if not (run / "saes" / s.sae_id / "sae_weights.safetensors").exists()]
     if not todo:
         return [str(run / "saes" / s.sae_id) for s in specs]
-    hook = specs[0].hook
-    loader_opts = LoaderOptions(batch_size=o.batch_size, seed=o.data_seed, drop_first_positions=o.drop_first_positions)
     ckpt_path = run / "checkpoints" / f"{hook}.pt"
 
     def key(of: list[SAESpec]) -> dict[str, Any]:
-        return {"specs": [asdict(s) for s in of], "options": asdict(o), "loader": asdict(loader_opts)}
+        opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every")}
+        return {"specs": [asdict(s) for s in of], "options": opts, "loader": asdict(loader_opts), "store": str(store)}
 
-    ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    ckpt = torch.load(ckpt_path, weights_only=False, map_location=o.device) if ckpt_path.exists() else None
     # A checkpoint written before some SAEs of this sweep finished still covers the rest of it.
     members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == key(m)), None)
     if members is None:
@@ -275,7 +323,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
         position += len(batch)
         for t in trainees:
             if t.done and not (run / "saes" / t.spec.sae_id / "sae_weights.safetensors").exists():
-                _save_trainee(t, run, store, group, o, loader_opts)
+                _save_trainee(t, run, store, group, o, loader_opts, loader.epoch_tokens)
         if bar is not None:
             bar.update(len(batch))
             bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-", refresh=False)
@@ -284,34 +332,54 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
             last_ckpt = time.monotonic()
     if bar is not None:
         bar.close()
-    for t in trainees:  # budgets beyond the store's size end with the stream
+    for t in trainees:  # (budgets beyond the store's size loop over it: the loader starts a new epoch)
         if not (run / "saes" / t.spec.sae_id / "sae_weights.safetensors").exists():
-            _save_trainee(t, run, store, group, o, loader_opts)
+            _save_trainee(t, run, store, group, o, loader_opts, loader.epoch_tokens)
     ckpt_path.unlink(missing_ok=True)
     return [str(run / "saes" / s.sae_id) for s in specs]
 
 
-def _save_trainee(t: _Trainee, run: Path, store: str, group: Any, o: TrainOptions, lo: LoaderOptions) -> None:
-    """Weights, config and fire counts beside each other, curves under records/: written aside, then renamed."""
+def run_settings(store: str, o: TrainOptions, lo: LoaderOptions) -> dict[str, Any]:
+    """What, beyond the sae_id, decides an SAE's weights: a finished SAE is reused only if these match."""
+    opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device", "extra")}
+    return json.loads(json.dumps({"store": str(store), "options": opts, "loader": asdict(lo)}))
+
+
+def _save_trainee(
+    t: _Trainee, run: Path, store: str, group: Any, o: TrainOptions, lo: LoaderOptions, epoch_tokens: int
+) -> None:
+    """Curves first, then weights, config and fire counts written aside and renamed into place.
+
+    The weights directory appearing is what marks an SAE done, so it comes last.
+    """
     import polars as pl
     from safetensors.torch import save_file
 
     spec = t.spec
     attrs = group.attrs
+    curves = run / "records" / "curves" / f"sae_id={spec.sae_id}"
+    curves.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(t.curves).drop("sae_id").write_parquet(curves / "part-0.parquet.partial")
+    os.replace(curves / "part-0.parquet.partial", curves / "part-0.parquet")
+
     final = run / "saes" / spec.sae_id
     tmp = final.with_name(final.name + ".partial")
+    model_name = attrs.get("model", {}).get("name")
+    context = int(attrs.get("seq_len", 0))
     cfg = {
         "hook_name": spec.hook,
         "hook_layer": _layer(spec.hook),
-        "model_name": attrs.get("model", {}).get("name"),
-        "context_size": int(attrs.get("seq_len", 0)),
+        "model_name": model_name,
+        "context_size": context,
         "prepend_bos": bool(attrs.get("settings", {}).get("prepend_bos", False)),
         "dataset_path": str(store),
+        "seqpos_slice": [lo.drop_first_positions, None],
         "metadata": {
-            "model_name": attrs.get("model", {}).get("name"),
+            "model_name": model_name,
             "hook_name": spec.hook,
             "hook_layer": _layer(spec.hook),
-            "context_size": int(attrs.get("seq_len", 0)),
+            "context_size": context,
+            "seqpos_slice": [lo.drop_first_positions, None],
         },
         "actstore": {
             "version": __version__,
@@ -319,6 +387,7 @@ def _save_trainee(t: _Trainee, run: Path, store: str, group: Any, o: TrainOption
             "expansion": spec.expansion,
             "train_tokens": t.seen,
             "token_budget": spec.tokens,
+            "epochs": round(t.seen / max(1, epoch_tokens), 3),
             "seed": spec.seed,
             "store": str(store),
             "store_model": attrs.get("model", {}),
@@ -329,6 +398,7 @@ def _save_trainee(t: _Trainee, run: Path, store: str, group: Any, o: TrainOption
             "low_precision": o.low_precision,
             "batch_size": o.batch_size,
             "steps": t.step,
+            "settings": run_settings(store, o, lo),
         },
     }
     t.sae.save(tmp, cfg)
@@ -340,11 +410,6 @@ def _save_trainee(t: _Trainee, run: Path, store: str, group: Any, o: TrainOption
 
         shutil.rmtree(final)
     os.replace(tmp, final)
-    curves = run / "records" / "curves"
-    curves.mkdir(parents=True, exist_ok=True)
-    part = curves / f"{spec.sae_id}.parquet"
-    pl.DataFrame(t.curves).write_parquet(str(part) + ".partial")
-    os.replace(str(part) + ".partial", part)
 
 
 def _layer(hook: str) -> int | None:
@@ -385,11 +450,11 @@ def _bar(progress: bool, total: int, position: int, hook: str, n: int) -> Any:
 
 def summary(run: str) -> list[dict[str, Any]]:
     """Each trained SAE's last logged FVU and dead fraction, read from the curves."""
-    import polars as pl
 
-    files = sorted((Path(run) / "records" / "curves").glob("*.parquet"))
-    if not files:
+    from actstore.records import read_table
+
+    df = read_table(run, "curves")
+    if df.is_empty():
         return []
-    df = pl.concat([pl.read_parquet(f) for f in files])
     last = df.sort("step").group_by("sae_id").last().sort("sae_id")
     return last.select("sae_id", "tokens", "fvu", "dead_frac", "l0").to_dicts()

@@ -253,6 +253,59 @@ def train(
             click.echo(f"{row['sae_id']:<48} FVU {row['fvu']:.4f}  dead {row['dead_frac']:.3f}  L0 {row['l0']:.1f}")
 
 
+@main.command("eval", short_help="Evaluate SAEs on an eval store: per-token Parquet records, reconstructions in Zarr.")
+@click.argument("eval_store")
+@click.option("--run", required=True, help="Run directory: SAEs from RUN/saes (unless --sae), records to RUN/records.")
+@click.option(
+    "--sae", "sae_paths", multiple=True, help="An SAE directory in SAELens's layout (TopK, ReLU, JumpReLU); repeatable."
+)
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Sequences per forward pass.")
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the random baselines (stored with the records)."
+)
+@click.option(
+    "--patch-pos", default=None, type=int, help="Single-position mode: patch only this position, record every position."
+)
+@click.option("--max-seqs", default=None, type=int, help="Evaluate only the first N sequences of the store.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_(
+    eval_store: str,
+    run: str,
+    sae_paths: tuple[str, ...],
+    batch_size: int,
+    seed: int,
+    patch_pos: int | None,
+    max_seqs: int | None,
+    device: str,
+    compute_dtype: str,
+    quiet: bool,
+) -> None:
+    """Evaluate the SAEs of RUN (or --sae PATH …) on EVAL_STORE, running the model once: activation-space
+    numbers, patched CE/KL with zero-ablation and three random baselines, and the active codes."""
+    from actstore.analytics import format_table, query
+    from actstore.evaluate import EvalOptions, evaluate
+    from actstore.model import resolve_device
+
+    if batch_size < 1 or (max_seqs is not None and max_seqs < 1):
+        from actstore.errors import UsageError
+
+        raise UsageError("--batch-size and --max-seqs must be at least 1")
+    options = EvalOptions(
+        batch_size=batch_size,
+        seed=seed,
+        patch_pos=patch_pos,
+        max_seqs=max_seqs,
+        device=resolve_device(device),
+        compute_dtype=compute_dtype,
+    )
+    evaluate(eval_store, run, list(sae_paths) or None, options, progress=not quiet)
+    click.echo(format_table(query(run, "eval_overview").drop("hook")))
+
+
 @main.command(short_help="Run the whole pipeline on the shipped tiny model (what `make demo` runs).")
 @click.option("--out", default="demo", show_default=True, help="Directory for the demo's stores and outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

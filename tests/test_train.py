@@ -140,7 +140,7 @@ def test_outputs_config_curves_and_fire_counts(dict_store, tmp_path):
     assert cfg["architecture"] == "topk" and cfg["hook_name"] == HOOK and cfg["d_sae"] == 64 and cfg["k"] == 4
     assert cfg["model_name"] == "synthetic" and cfg["actstore"]["train_tokens"] == 8_000
     assert cfg["actstore"]["loader"]["seed"] == 0
-    curves = pl.read_parquet(tmp_path / "run" / "records" / "curves" / f"{Path(out).name}.parquet")
+    curves = pl.read_parquet(tmp_path / "run" / "records" / "curves" / f"sae_id={Path(out).name}" / "part-0.parquet")
     for col in (
         "step",
         "tokens",
@@ -229,6 +229,24 @@ def test_bad_train_input_is_one_line(dict_store, tmp_path, args, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
     assert not (tmp_path / "run" / "saes").exists()
+
+
+def test_a_finished_sae_trained_with_other_settings_is_not_silently_reused(dict_store, tmp_path):
+    path, _ = dict_store
+    run = str(tmp_path / "run")
+    train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000))
+    with pytest.raises(UsageError, match="other settings .*lr"):
+        train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000, lr=0.01))
+
+
+def test_a_one_row_tail_does_not_blow_up_the_fvu(dict_store, tmp_path):
+    from actstore.train import summary
+
+    path, _ = dict_store
+    run = str(tmp_path / "run")
+    train(path, run, [SAESpec(HOOK, 4, 2, 20_001, 0)], TrainOptions(batch_size=1000, log_every=1))
+    (row,) = summary(run)
+    assert row["tokens"] == 20_001 and 0 < row["fvu"] < 2
 
 
 def test_resuming_a_run_on_another_models_store_is_refused(dict_store, tmp_path):

@@ -1,0 +1,349 @@
+"""`actstore eval`: per-token records of SAEs on an eval store, running the model once.
+
+Why this shape: every later question (R² vs CE, KL gaps, error predictability, bootstrap CIs) needs many
+numbers per token, so they are all computed here, in one pass, and written as Parquet. Definitions
+follow METHODS.md exactly. For a residual-stream hook the layers below it run once per batch (the clean
+prefix) and only the layers above it run again for each patch: the SAE's x̂, zero ablation, and three
+perturbations of the SAE error's size (isotropic ε-random, same-cosine, activation-difference).
+Other hooks, and TransformerLens versions without `start_at_layer`, patch through a hook instead.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from actstore import __version__
+from actstore import records as rec
+from actstore import store as st
+from actstore.errors import StoreError, UsageError
+from actstore.model import LoadedModel, capture, hook_layer, load_model
+from actstore.saeio import EvalSAE, load_eval_sae
+
+EPS = 1e-10  # METHODS.md: relerr = ‖e‖/(‖x‖ + 1e-10)
+PATCHES = ("patched", "eps", "samecos", "actdiff")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    batch_size: int = 16  # sequences per forward pass
+    seed: int = 0  # random draws of the baselines; stored with the records
+    patch_pos: int | None = None  # single-position mode: patch only this position
+    max_seqs: int | None = None  # evaluate the first N sequences of the store
+    device: str = "cpu"
+    compute_dtype: str = "float32"
+
+
+class Patcher:
+    """Runs the model above a hook from a replacement activation, sharing the clean prefix."""
+
+    def __init__(self, model: LoadedModel, hook: str):
+        self.model, self.hook = model, hook
+        m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+        self.start = None if m is None else int(m.group(1)) + (1 if m.group(2) == "post" else 0)
+        if self.start is not None and not _supports_start_at_layer(model):
+            self.start = None
+
+    @torch.inference_mode()
+    def logprobs(self, tokens: Tensor, replacement: Tensor) -> Tensor:
+        """log-softmax (float32) of the logits with `replacement` in place of the hook's activation."""
+        bridge = self.model.bridge
+        act = replacement.to(bridge.cfg.dtype if hasattr(bridge.cfg, "dtype") else replacement.dtype)
+        if self.start is not None and self.start < self.model.n_layers:
+            logits = bridge(act, start_at_layer=self.start)
+        else:
+            logits = bridge.run_with_hooks(
+                tokens, fwd_hooks=[(self.hook, lambda a, hook: act.to(a.dtype).reshape(a.shape))]
+            )
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _supports_start_at_layer(model: LoadedModel) -> bool:
+    try:
+        with torch.inference_mode():
+            model.bridge(
+                torch.zeros(1, 2, int(model.bridge.cfg.d_model), device=model.device), start_at_layer=model.n_layers - 1
+            )
+        return True
+    except Exception:  # TransformerLens 3.x bridges refuse start_at_layer
+        return False
+
+
+def next_token_ce(logp: Tensor, tokens: Tensor) -> Tensor:
+    """CE at pos = −log p(token[pos+1]); NaN at the last position (METHODS.md)."""
+    ce = torch.full(tokens.shape, float("nan"))
+    ce[:, :-1] = -logp[:, :-1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1).cpu()
+    return ce
+
+
+def kl_div(logp_clean: Tensor, logq: Tensor) -> Tensor:
+    """D_KL(P ‖ Q) per token over the full vocabulary, in float32 from log-softmax."""
+    return (logp_clean.exp() * (logp_clean - logq)).sum(-1).cpu()
+
+
+def perturbations(x: Tensor, xh: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+    """The SAE's x̂ and the three baselines of the same error size (METHODS.md), for (n, d) tokens."""
+    e_norm = (x - xh).norm(dim=-1, keepdim=True)
+    g = torch.randn(x.shape, generator=gen)
+    eps = x + e_norm * g / g.norm(dim=-1, keepdim=True)
+    x_unit = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    u = g - (g * x_unit).sum(-1, keepdim=True) * x_unit
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    c = (x * xh).sum(-1, keepdim=True) / (x.norm(dim=-1, keepdim=True) * xh.norm(dim=-1, keepdim=True)).clamp_min(EPS)
+    samecos = (c * x_unit + (1 - c**2).clamp_min(0).sqrt() * u) * xh.norm(dim=-1, keepdim=True)
+    # π: a random cyclic shift of a random order, so no token is paired with itself; identical
+    # activations (the same token at position 0, say) fall back to the isotropic direction.
+    order = torch.randperm(len(x), generator=gen)
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(1)
+    diff = x - x[partner]
+    diff = torch.where(diff.norm(dim=-1, keepdim=True) > EPS, diff, g)
+    actdiff = x + e_norm * diff / diff.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    return {"patched": xh, "eps": eps, "samecos": samecos, "actdiff": actdiff}
+
+
+def activation_metrics(x: Tensor, xh: Tensor, z: Tensor, mu: Tensor) -> dict[str, np.ndarray]:
+    """Per-token activation-space numbers of METHODS.md for (n, d) tokens."""
+    e = x - xh
+    x_norm, xh_norm, e_norm = x.norm(dim=-1), xh.norm(dim=-1), e.norm(dim=-1)
+    dot = (x * xh).sum(-1)
+    out = {
+        "x_norm": x_norm,
+        "recon_norm": xh_norm,
+        "err_norm": e_norm,
+        "sse": e.pow(2).sum(-1),
+        "sst": (x - mu).pow(2).sum(-1),
+        "dot": dot,
+        "cos": dot / (x_norm * xh_norm).clamp_min(EPS),
+        "relerr": e_norm / (x_norm + EPS),
+        "l0": (z != 0).sum(-1).float(),
+    }
+    return {k: v.cpu().numpy().astype(np.float32) for k, v in out.items()}
+
+
+def evaluate(
+    eval_store: str,
+    run: str,
+    sae_paths: list[str] | None = None,
+    options: EvalOptions = EvalOptions(),
+    *,
+    progress: bool = False,
+) -> list[str]:
+    """Evaluate SAEs (all of RUN/saes, or `sae_paths`) on `eval_store`; returns the evaluated sae_ids."""
+    group = st.open_store(eval_store, mode="r+")
+    n_store = int(group["tokens"].shape[0])
+    if st.committed(group) < n_store:
+        raise StoreError(
+            f"{eval_store} is incomplete ({st.committed(group)} of {n_store} sequences); finish its harvest first"
+        )
+    saes = _load_saes(run, sae_paths)
+    hooks = st.hooks_of(group)
+    for s in saes:
+        if s.hook not in hooks:
+            raise UsageError(f"SAE {s.sae_id} reads {s.hook}, which {eval_store} lacks; it has {', '.join(hooks)}")
+        d = int(group["acts"][s.hook].shape[2])
+        if s.d_in != d:
+            raise UsageError(f"SAE {s.sae_id} has d_in {s.d_in} but {s.hook} in {eval_store} is {d} wide")
+    if options.patch_pos is not None and not 0 <= options.patch_pos < group["tokens"].shape[1]:
+        raise UsageError(f"--patch-pos {options.patch_pos} is outside the sequence (0…{group['tokens'].shape[1] - 1})")
+    model_name = group.attrs.get("model", {}).get("name")
+    model = load_model(model_name, options.device, options.compute_dtype)
+    n_seq = min(n_store, options.max_seqs or n_store)
+    done = []
+    for hook in dict.fromkeys(s.hook for s in saes):
+        batch_saes = [s.to(options.device) for s in saes if s.hook == hook]
+        frames = _evaluate_hook(group, eval_store, model, hook, batch_saes, n_seq, options, progress)
+        for s in batch_saes:
+            rec.write_parts(run, s.sae_id, frames[s.sae_id])
+            done.append(s.sae_id)
+    return done
+
+
+def _load_saes(run: str, sae_paths: list[str] | None) -> list[EvalSAE]:
+    paths = sae_paths or [str(p.parent) for p in sorted((Path(run) / "saes").glob("*/cfg.json"))]
+    if not paths:
+        raise UsageError(f"no SAEs in {run}/saes and none given with --sae; train some with `actstore train`")
+    return [load_eval_sae(p) for p in paths]
+
+
+def _store_mean(group: Any, hook: str, n_seq: int, chunk: int = 64) -> Tensor:
+    total = np.zeros(group["acts"][hook].shape[2], dtype=np.float64)
+    for s in range(0, n_seq, chunk):
+        total += (
+            st.read_acts(group, hook, slice(s, min(s + chunk, n_seq))).reshape(-1, total.size).sum(0, dtype=np.float64)
+        )
+    return torch.from_numpy(total / (n_seq * group["tokens"].shape[1])).float()
+
+
+def _evaluate_hook(
+    group: Any,
+    store_path: str,
+    model: LoadedModel,
+    hook: str,
+    saes: list[EvalSAE],
+    n_seq: int,
+    o: EvalOptions,
+    progress: bool,
+) -> dict[str, dict[str, pl.DataFrame]]:
+    seq_len = int(group["tokens"].shape[1])
+    mu = _store_mean(group, hook, n_seq).to(o.device)
+    patcher = Patcher(model, hook)
+    recon = {s.sae_id: _recon_array(group, hook, s.sae_id) for s in saes}
+    cols: dict[str, dict[str, list]] = {s.sae_id: {} for s in saes}
+    codes: dict[str, list] = {s.sae_id: [] for s in saes}
+    bar = _bar(progress, n_seq * seq_len, hook, len(saes))
+    for b, start in enumerate(range(0, n_seq, o.batch_size)):
+        stop = min(start + o.batch_size, n_seq)
+        tokens = torch.from_numpy(st.read_tokens(group, slice(start, stop)).astype(np.int64)).to(o.device)
+        x = torch.from_numpy(st.read_acts(group, hook, slice(start, stop))).to(o.device)
+        n_b, d = x.shape[0], x.shape[2]
+        x_live = capture(model, tokens, [hook])[hook].float().reshape(x.shape)
+        logp_clean = patcher.logprobs(tokens, x_live)
+        base = {
+            "seq": np.repeat(np.arange(start, stop, dtype=np.int32), seq_len),
+            "pos": np.tile(np.arange(seq_len, dtype=np.int16), n_b),
+            "token": tokens.reshape(-1).cpu().numpy().astype(np.int32),
+            "next_token": np.concatenate([tokens[:, 1:].cpu().numpy(), np.full((n_b, 1), -1)], 1)
+            .reshape(-1)
+            .astype(np.int32),
+            "ce_orig": next_token_ce(logp_clean, tokens).reshape(-1).numpy(),
+        }
+        logp_zero = patcher.logprobs(tokens, _place(x_live, torch.zeros_like(x_live), o.patch_pos))
+        base["ce_zero"] = next_token_ce(logp_zero, tokens).reshape(-1).numpy()
+        base["kl_zero"] = kl_div(logp_clean, logp_zero).reshape(-1).numpy()
+        del logp_zero
+        for s in saes:
+            xf = x.reshape(-1, d)
+            z = s.latents(xf)
+            xh = s.decode(z)
+            row = {**base, **activation_metrics(xf, xh, z, mu)}
+            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b)
+            for name, candidate in perturbations(xf.cpu(), xh.cpu(), gen).items():
+                logq = patcher.logprobs(tokens, _place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos))
+                row[f"ce_{name}"] = next_token_ce(logq, tokens).reshape(-1).numpy()
+                row[f"kl_{name}"] = kl_div(logp_clean, logq).reshape(-1).numpy()
+            for key, value in row.items():
+                cols[s.sae_id].setdefault(key, []).append(value)
+            nz = z.nonzero()
+            codes[s.sae_id].append(
+                (
+                    (start + nz[:, 0] // seq_len).cpu().numpy().astype(np.int32),
+                    (nz[:, 0] % seq_len).cpu().numpy().astype(np.int16),
+                    nz[:, 1].cpu().numpy().astype(np.int32),
+                    z[nz[:, 0], nz[:, 1]].cpu().numpy().astype(np.float32),
+                )
+            )
+            recon[s.sae_id][start:stop] = _stored(xh.reshape(x.shape), recon[s.sae_id].attrs["actstore_dtype"])
+        if bar is not None:
+            bar.update(n_b * seq_len)
+    if bar is not None:
+        bar.close()
+    return {s.sae_id: _frames(s, store_path, group, cols[s.sae_id], codes[s.sae_id], n_seq, o) for s in saes}
+
+
+def _place(x_live: Tensor, candidate: Tensor, pos: int | None) -> Tensor:
+    """All positions patched, or only `pos` (single-position mode: the rest stay clean)."""
+    if pos is None:
+        return candidate
+    out = x_live.clone()
+    out[:, pos] = candidate[:, pos]
+    return out
+
+
+def _stored(x: Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def _recon_array(group: Any, hook: str, sae_id: str) -> Any:
+    """`recon/<sae_id>/<hook>`, with the activations' shape, chunks, dtype and codecs."""
+    acts = group["acts"][hook]
+    dtype = acts.attrs.get("actstore_dtype", str(acts.dtype))
+    filters, compressors = st.codec_chain(
+        group.attrs.get("codec", {}).get("name", st.DEFAULT_CODEC), dtype, acts.dtype.itemsize
+    )
+    arr = (
+        group.require_group("recon")
+        .require_group(sae_id)
+        .create_array(
+            hook,
+            shape=acts.shape,
+            chunks=acts.chunks,
+            dtype=acts.dtype,
+            filters=filters,
+            compressors=compressors,
+            dimension_names=st.DIMS,
+            fill_value=0,
+            overwrite=True,
+        )
+    )
+    arr.attrs.update({"actstore_dtype": dtype, "hook": hook, "sae_id": sae_id})
+    return arr
+
+
+def _frames(
+    s: EvalSAE, store_path: str, group: Any, cols: dict[str, list], codes: list, n_seq: int, o: EvalOptions
+) -> dict[str, pl.DataFrame]:
+    tokens = pl.DataFrame({k: np.concatenate(v) for k, v in cols.items()}).with_columns(
+        pl.lit(str(store_path)).alias("store"), pl.col(pl.Float32).fill_nan(None)
+    )
+    names = ("seq", "pos", "latent", "value")
+    code_frame = pl.DataFrame({name: np.concatenate([c[i] for c in codes]) for i, name in enumerate(names)})
+    meta = s.cfg.get("actstore", {})
+    saes = pl.DataFrame(
+        [
+            {
+                "model": group.attrs.get("model", {}).get("name"),
+                "hook": s.hook,
+                "layer": hook_layer(s.hook),
+                "d_model": s.d_in,
+                "d_sae": s.d_sae,
+                "k": s.k,
+                "expansion": meta.get("expansion", s.d_sae // s.d_in),
+                "train_tokens": meta.get("train_tokens"),
+                "seed": meta.get("seed"),
+                "architecture": s.architecture,
+                "path": s.path,
+            }
+        ]
+    )
+    evals = pl.DataFrame(
+        [
+            {
+                "store": str(store_path),
+                "n_seq": n_seq,
+                "n_tokens": n_seq * int(group["tokens"].shape[1]),
+                "seed": o.seed,
+                "patch_pos": o.patch_pos,
+                "options": str(asdict(o)),
+                "actstore": __version__,
+                "created": st.now(),
+            }
+        ]
+    )
+    return {"tokens": tokens, "codes": code_frame, "saes": saes, "evals": evals}
+
+
+def _bar(progress: bool, total: int, hook: str, n: int) -> Any:
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        file=sys.stderr,
+        mininterval=0.5,
+        desc=f"eval {hook} ({n} SAE{'s' if n > 1 else ''})",
+        dynamic_ncols=True,
+    )

@@ -1,0 +1,108 @@
+"""Loading SAEs for evaluation from SAELens-layout directories: our TopK ones and published ones.
+
+Why a separate loader from `sae.TopKSAE`: evaluation must also read dictionaries we did not train
+(Gemma Scope's JumpReLU, classic ReLU SAEs) from `cfg.json` + `sae_weights.safetensors`. Each is
+reduced to the same two operations — dense latents for a batch, and their decode — so the metrics
+code does not care which architecture it measures.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from actstore.errors import UsageError
+
+ARCHITECTURES = ("topk", "standard", "relu", "jumprelu")
+
+
+@dataclass
+class EvalSAE:
+    sae_id: str
+    path: str
+    hook: str
+    architecture: str
+    W_enc: Tensor  # (d_in, d_sae)
+    b_enc: Tensor
+    W_dec: Tensor  # (d_sae, d_in)
+    b_dec: Tensor
+    k: int | None
+    threshold: Tensor | None
+    apply_b_dec_to_input: bool
+    cfg: dict[str, Any]
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    def latents(self, x: Tensor) -> Tensor:
+        """Dense (n, d_sae) latent activations."""
+        x_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        pre = x_in @ self.W_enc + self.b_enc
+        if self.architecture == "topk":
+            vals, idx = pre.topk(self.k, dim=-1)
+            return torch.zeros_like(pre).scatter(1, idx, vals.relu())
+        if self.architecture == "jumprelu":
+            return pre.relu() * (pre > self.threshold)
+        return pre.relu()
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def to(self, device: str) -> EvalSAE:
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def load_eval_sae(path: str | Path, sae_id: str | None = None) -> EvalSAE:
+    """An SAE directory in SAELens's layout (cfg.json + sae_weights.safetensors), as an EvalSAE."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / "cfg.json", path / "sae_weights.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise UsageError(
+            f"{path} has no cfg.json and sae_weights.safetensors; give an SAE directory in SAELens's layout"
+        )
+    cfg = json.loads(cfg_file.read_text())
+    arch = str(cfg.get("architecture", "standard")).lower()
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    w = {k: v.float() for k, v in load_file(str(weights)).items()}
+    hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
+    if not hook:
+        raise UsageError(f"{path}/cfg.json names no hook_name; add the hook the SAE was trained on")
+    k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
+    if arch == "topk" and not k:
+        raise UsageError(f"{path}/cfg.json is a TopK SAE without k")
+    threshold = w.get("threshold")
+    if threshold is None and "log_threshold" in w:
+        threshold = w["log_threshold"].exp()
+    if arch == "jumprelu" and threshold is None:
+        raise UsageError(f"{path}: a JumpReLU SAE needs a threshold tensor in its weights")
+    return EvalSAE(
+        sae_id=sae_id or cfg.get("actstore", {}).get("sae_id") or path.name,
+        path=str(path),
+        hook=hook,
+        architecture="relu" if arch == "standard" else arch,
+        W_enc=w["W_enc"],
+        b_enc=w["b_enc"],
+        W_dec=w["W_dec"],
+        b_dec=w["b_dec"],
+        k=int(k) if k else None,
+        threshold=threshold,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", arch == "topk")),
+        cfg=cfg,
+    )

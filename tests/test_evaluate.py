@@ -1,0 +1,182 @@
+"""Eval: per-token records checked against independent computations, baselines, external SAEs, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import zarr
+from safetensors.torch import save_file
+
+from actstore import store as st
+from actstore.analytics import query
+from actstore.errors import StoreError, UsageError
+from actstore.evaluate import EvalOptions, Patcher, evaluate, kl_div, perturbations
+from actstore.model import capture, load_model
+from actstore.records import read_table
+from actstore.saeio import load_eval_sae
+from actstore.train import SAESpec, TrainOptions, train
+
+from .conftest import HOOKS
+
+
+@pytest.fixture(scope="module")
+def evaluated(small_store, tmp_path_factory):
+    """Two SAEs trained briefly on the small store, evaluated on a copy of it."""
+    root = tmp_path_factory.mktemp("eval")
+    store = str(root / "eval.zarr")
+    shutil.copytree(small_store, store)
+    run = str(root / "run")
+    train(
+        store, run, [SAESpec(HOOKS[0], 8, 2, 1536, 0), SAESpec(HOOKS[1], 4, 2, 1536, 0)], TrainOptions(batch_size=256)
+    )
+    evaluate(store, run, options=EvalOptions(batch_size=8))
+    return store, run
+
+
+def test_records_hold_every_token_of_every_sae(evaluated):
+    store, run = evaluated
+    tokens = read_table(run, "tokens")
+    assert tokens.group_by("sae_id").len()["len"].to_list() == [24 * 64, 24 * 64]
+    assert tokens.filter(pl.col("pos") == 63)["ce_orig"].null_count() == 2 * 24  # no next token at the end
+    codes = read_table(run, "codes")
+    per_token = codes.group_by("sae_id", "seq", "pos").len()
+    assert per_token["len"].max() <= 8
+    assert set(read_table(run, "saes")["architecture"]) == {"topk"}
+
+
+def test_ce_orig_is_the_models_own_per_token_loss(evaluated):
+    store, run = evaluated
+    model = load_model("tiny")
+    tokens = torch.from_numpy(st.read_tokens(st.open_store(store)).astype(np.int64))
+    with torch.inference_mode():
+        logits = model.bridge(tokens).float()
+    own = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    rec = read_table(run, "tokens").filter(pl.col("sae_id").str.starts_with(HOOKS[0])).sort("seq", "pos")
+    ce = rec["ce_orig"].to_numpy().reshape(24, 64)[:, :-1]
+    np.testing.assert_allclose(ce, own.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_patching_the_clean_activation_changes_nothing(evaluated):
+    store, _ = evaluated
+    model = load_model("tiny")
+    tokens = torch.from_numpy(st.read_tokens(st.open_store(store), slice(0, 4)).astype(np.int64))
+    for hook in HOOKS:
+        patcher = Patcher(model, hook)
+        assert patcher.start is not None  # the shared-prefix path, not a full re-run
+        x = capture(model, tokens, [hook])[hook]
+        with torch.inference_mode():
+            clean = torch.log_softmax(model.bridge(tokens).float(), -1)
+        patched = patcher.logprobs(tokens, x)
+        assert torch.equal(patched, clean)
+        assert float(kl_div(clean, patched).abs().max()) == 0.0
+
+
+def test_r2_from_the_records_matches_numpy_on_the_stored_arrays(evaluated):
+    store, run = evaluated
+    g = zarr.open_group(store, mode="r")
+    overview = query(run, "eval_overview")
+    for row in overview.iter_rows(named=True):
+        x = g[f"acts/{row['hook']}"][:].astype(np.float64).reshape(-1, 128)
+        xh = g[f"recon/{row['sae_id']}/{row['hook']}"][:].astype(np.float64).reshape(-1, 128)
+        r2 = 1 - ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        assert row["r2"] == pytest.approx(r2, abs=2e-3)  # recon is stored in float16
+
+
+def test_baselines_have_the_saes_error_norm_and_cosine():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16) * 3
+    xh = x + torch.randn(500, 16)
+    p = perturbations(x, xh, gen)
+    err = (x - xh).norm(dim=-1)
+    torch.testing.assert_close((p["eps"] - x).norm(dim=-1), err)
+    torch.testing.assert_close((p["actdiff"] - x).norm(dim=-1), err)
+    cos = torch.nn.functional.cosine_similarity(x, xh, dim=-1)
+    torch.testing.assert_close(
+        torch.nn.functional.cosine_similarity(x, p["samecos"], dim=-1), cos, rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(p["samecos"].norm(dim=-1), xh.norm(dim=-1))
+
+
+def test_kl_matches_a_hand_computation_on_a_tiny_vocabulary():
+    p = torch.tensor([[[0.5, 0.25, 0.25]]])
+    q = torch.tensor([[[0.25, 0.25, 0.5]]])
+    hand = 0.5 * np.log(0.5 / 0.25) + 0.25 * np.log(1.0) + 0.25 * np.log(0.25 / 0.5)
+    assert float(kl_div(p.log(), q.log())) == pytest.approx(hand, rel=1e-6)
+
+
+def test_reevaluating_replaces_the_records(evaluated):
+    store, run = evaluated
+    before = read_table(run, "tokens").height
+    evaluate(store, run, options=EvalOptions(batch_size=8, max_seqs=8, seed=1))
+    tokens = read_table(run, "tokens")
+    assert tokens.height == 2 * 8 * 64 < before
+    assert set(read_table(run, "evals")["seed"]) == {1}
+    evaluate(store, run, options=EvalOptions(batch_size=8))
+
+
+def _external(tmp_path, arch: str, d: int = 128, m: int = 64):
+    torch.manual_seed(0)
+    w = {
+        "W_enc": torch.randn(d, m) * 0.1,
+        "b_enc": torch.zeros(m),
+        "W_dec": torch.randn(m, d) * 0.1,
+        "b_dec": torch.zeros(d),
+    }
+    if arch == "jumprelu":
+        w["threshold"] = torch.full((m,), 0.5)
+    path = tmp_path / arch
+    path.mkdir()
+    save_file(w, str(path / "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": d, "d_sae": m, "hook_name": HOOKS[0], "model_name": "tiny"}
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_external_relu_and_jumprelu_saes_are_evaluated(evaluated, tmp_path, arch):
+    store, _ = evaluated
+    path = _external(tmp_path, arch)
+    sae = load_eval_sae(path)
+    x = torch.randn(10, 128)
+    z = sae.latents(x)
+    pre = x @ sae.W_enc + sae.b_enc
+    expected = pre.relu() if arch == "standard" else pre * (pre > 0.5)
+    torch.testing.assert_close(z, expected)
+    run = str(tmp_path / "ext-run")
+    evaluate(store, run, [str(path)], EvalOptions(batch_size=8, max_seqs=4))
+    assert read_table(run, "saes")["architecture"].to_list() == ["relu" if arch == "standard" else "jumprelu"]
+
+
+def test_mismatched_sae_incomplete_store_and_missing_files_are_clear_errors(evaluated, tmp_path):
+    store, run = evaluated
+    wide = _external(tmp_path, "standard", d=64)
+    with pytest.raises(UsageError, match="d_in 64"):
+        evaluate(store, str(tmp_path / "r"), [str(wide)])
+    with pytest.raises(UsageError, match="sae_weights.safetensors"):
+        evaluate(store, str(tmp_path / "r"), [str(tmp_path / "nothing")])
+    broken = str(tmp_path / "broken.zarr")
+    shutil.copytree(store, broken)
+    g = zarr.open_group(broken, mode="r+")
+    g.attrs["commit"] = {"n_seq": 3}
+    with pytest.raises(StoreError, match="incomplete"):
+        evaluate(broken, run)
+
+
+def test_eval_cli_without_saes_is_a_one_line_error(evaluated, tmp_path):
+    import subprocess
+    import sys
+
+    store, _ = evaluated
+    result = subprocess.run(
+        [sys.executable, "-m", "actstore.cli.main", "eval", store, "--run", str(tmp_path / "none"), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no SAEs" in lines[0]
