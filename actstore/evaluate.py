@@ -136,8 +136,12 @@ def evaluate(
     options: EvalOptions = EvalOptions(),
     *,
     progress: bool = False,
+    loaded: LoadedModel | None = None,
 ) -> list[str]:
-    """Evaluate SAEs (all of RUN/saes, or `sae_paths`) on `eval_store`; returns the evaluated sae_ids."""
+    """Evaluate SAEs (all of RUN/saes, or `sae_paths`) on `eval_store`; returns the evaluated sae_ids.
+
+    `loaded` reuses a model already booted for the store's model (benchmarks, notebooks).
+    """
     group = st.open_store(eval_store, mode="r+")
     n_store = int(group["tokens"].shape[0])
     if st.committed(group) < n_store:
@@ -155,7 +159,7 @@ def evaluate(
     if options.patch_pos is not None and not 0 <= options.patch_pos < group["tokens"].shape[1]:
         raise UsageError(f"--patch-pos {options.patch_pos} is outside the sequence (0…{group['tokens'].shape[1] - 1})")
     model_name = group.attrs.get("model", {}).get("name")
-    model = load_model(model_name, options.device, options.compute_dtype)
+    model = loaded or load_model(model_name, options.device, options.compute_dtype)
     n_seq = min(n_store, options.max_seqs or n_store)
     done = []
     for hook in dict.fromkeys(s.hook for s in saes):

@@ -180,3 +180,14 @@ def test_eval_cli_without_saes_is_a_one_line_error(evaluated, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "no SAEs" in lines[0]
+
+
+def test_single_position_patch_leaves_earlier_positions_untouched(evaluated, tmp_path):
+    store, run = evaluated
+    sae_dir = sorted((__import__("pathlib").Path(run) / "saes").iterdir())[0]
+    out = str(tmp_path / "pos-run")
+    evaluate(store, out, [str(sae_dir)], EvalOptions(batch_size=8, max_seqs=8, patch_pos=20))
+    t = read_table(out, "tokens")
+    before, at_and_after = t.filter(pl.col("pos") < 20), t.filter(pl.col("pos") >= 20)
+    assert before["kl_patched"].abs().max() < 1e-6 and before["kl_zero"].abs().max() < 1e-6  # causal
+    assert at_and_after["kl_zero"].max() > 1e-3

@@ -1,0 +1,142 @@
+"""Eval throughput against the naive cost and against the bare passes it needs; bytes of records.
+
+    python bench/eval.py [--model pythia-70m-shape|tiny] [--seqs 16] [--seq-len 128] [--hook blocks.3.hook_resid_post]
+
+One SAE at a mid-depth hook, on the same batches, in one process, for float32 and bfloat16 compute:
+  (a) naive: one full forward per patch type (x̂, zero, ε-random, same-cosine, activation-difference)
+      plus the clean one, each patch through a hook;
+  (b) bare: the passes eval needs — one prefix up to the hook, then the layers above it once for the
+      clean activation and once per patch (`start_at_layer`), nothing else;
+  (c) `actstore.evaluate` end to end (metrics, records, reconstructions written).
+Goal: (c) ≥ 1.5× faster than (a) and within 1.15× of (b). Also the records' bytes per token per SAE.
+The last line is one JSON object of the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actstore import store as st
+from actstore.evaluate import EvalOptions, Patcher, evaluate
+from actstore.harvest import HarvestOptions, harvest
+from actstore.model import capture, load_model
+from actstore.sae import TopKSAE
+
+N_PATCHES = 5  # x̂, zero, ε-random, same-cosine, activation-difference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="pythia-70m-shape")
+    ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--hook", default="blocks.3.hook_resid_post")
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from harvest import pythia_shaped_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-eval-"))
+    try:
+        name = pythia_shaped_model(tmp / "model") if args.model == "pythia-70m-shape" else args.model
+        store = str(tmp / "eval.zarr")
+        harvest(
+            store,
+            HarvestOptions(
+                model=name,
+                hooks=(args.hook,),
+                seq_len=args.seq_len,
+                tokens=args.seqs * args.seq_len,
+                batch_size=args.batch_size,
+            ),
+        )
+        g = st.open_store(store)
+        d = int(g["acts"][args.hook].shape[2])
+        sae_dir = tmp / "run" / "saes" / "bench-sae"
+        TopKSAE(d, 16 * d, 32, seed=0).save(sae_dir, {"hook_name": args.hook, "model_name": name})
+        batches = [
+            torch.from_numpy(st.read_tokens(g, slice(s, s + args.batch_size)).astype(np.int64))
+            for s in range(0, args.seqs, args.batch_size)
+        ]
+        n_tok = args.seqs * args.seq_len
+        results = {}
+        for dtype in ("float32", "bfloat16"):
+            model = load_model(name, "cpu", dtype)
+            patcher = Patcher(model, args.hook)
+
+            @torch.inference_mode()
+            def naive():  # what eval would cost without the shared prefix (log-softmax included, as eval needs it)
+                for tokens in batches:
+                    torch.log_softmax(model.bridge(tokens).float(), -1)
+                    x = capture(model, tokens, [args.hook])[args.hook]
+                    for _ in range(N_PATCHES):
+                        logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(args.hook, lambda a, hook, x=x: x)])
+                        torch.log_softmax(logits.float(), -1)
+
+            @torch.inference_mode()
+            def bare():
+                for tokens in batches:
+                    x = capture(model, tokens, [args.hook])[args.hook]
+                    for _ in range(N_PATCHES + 1):
+                        patcher.logprobs(tokens, x)
+
+            def ours():
+                evaluate(
+                    store,
+                    str(tmp / "run"),
+                    options=EvalOptions(batch_size=args.batch_size, compute_dtype=dtype),
+                    loaded=model,
+                )
+
+            ours()  # warm-up (also writes the records measured below)
+            times = {"naive": [], "bare": [], "eval": []}
+            for _ in range(2):
+                for key, fn in (("naive", naive), ("bare", bare), ("eval", ours)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - t0)
+            results[dtype] = {k: min(v) for k, v in times.items()}
+
+        records = tmp / "run" / "records"
+        per_table = {t: sum(f.stat().st_size for f in (records / t).rglob("*.parquet")) for t in ("tokens", "codes")}
+        print(
+            f"model {args.model}, hook {args.hook}, {n_tok:,} tokens in batches of {args.batch_size}, "
+            f"1 SAE ({16 * d:,} latents, k = 32), {N_PATCHES} patches + clean, 2 CPU threads"
+        )
+        print(
+            f"{'compute':<10}{'naive tok/s':>13}{'bare tok/s':>12}{'eval tok/s':>12}{'eval vs naive':>15}{'eval / bare time':>18}"
+        )
+        for dtype, r in results.items():
+            print(
+                f"{dtype:<10}{n_tok / r['naive']:>13,.0f}{n_tok / r['bare']:>12,.0f}{n_tok / r['eval']:>12,.0f}"
+                f"{r['naive'] / r['eval']:>14.2f}x{r['eval'] / r['bare']:>17.2f}x"
+            )
+        print(
+            f"records per token per SAE: tokens table {per_table['tokens'] / n_tok:.1f} B, "
+            f"codes table {per_table['codes'] / n_tok:.1f} B (k = 32 rows)"
+        )
+        headline = {
+            "eval_vs_naive_fp32": round(results["float32"]["naive"] / results["float32"]["eval"], 2),
+            "eval_over_bare_fp32": round(results["float32"]["eval"] / results["float32"]["bare"], 2),
+            "eval_vs_naive_bf16": round(results["bfloat16"]["naive"] / results["bfloat16"]["eval"], 2),
+            "eval_over_bare_bf16": round(results["bfloat16"]["eval"] / results["bfloat16"]["bare"], 2),
+            "eval_tokens_per_s_fp32": round(n_tok / results["float32"]["eval"]),
+            "record_bytes_per_token_tokens": round(per_table["tokens"] / n_tok, 1),
+            "record_bytes_per_token_codes": round(per_table["codes"] / n_tok, 1),
+        }
+        print(json.dumps(headline))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
