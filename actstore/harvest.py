@@ -26,6 +26,7 @@ from actstore import store as st
 from actstore.corpus import CorpusOptions, token_sequences
 from actstore.errors import StoreError, UsageError
 from actstore.model import LoadedModel, capture, check_hooks, load_model, stop_layer
+from actstore.progress import token_bar
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def harvest(
         acc.pop("rms_rel", None)
     writer = _Writer(group, hooks, o.codec, lossy)
     writer.start()
-    bar = _progress_bar(progress, o, start)
+    bar = token_bar(progress, o.n_seq * o.seq_len, "harvest", initial=start * o.seq_len)
     seq = start
     try:
         batch = first
@@ -379,23 +380,6 @@ def _truncate(group: Any, n_seq: int) -> None:
         arr = group["acts"][hook]
         arr.resize((n_seq, *arr.shape[1:]))
     group.attrs.update({"n_seq": n_seq, "truncated": True})
-
-
-def _progress_bar(progress: bool, o: HarvestOptions, start: int) -> Any:
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=o.n_seq * o.seq_len,
-        initial=start * o.seq_len,
-        unit="tok",
-        unit_scale=True,
-        desc="harvest",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=0.5,
-    )
 
 
 def _say(progress: bool, msg: str) -> None:

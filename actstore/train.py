@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from actstore import __version__
 from actstore import store as st
 from actstore.errors import UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
+from actstore.progress import plural_saes, token_bar
 from actstore.sae import AUXK_COEF, TopKSAE, default_lr
 
 
@@ -316,7 +316,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
         position = ckpt["position"]
 
     loader = ActivationLoader(store, hook, total, loader_opts, start_token=position, device=o.device)
-    bar = _bar(progress, total, position, hook, len(todo))
+    bar = token_bar(progress, total, f"train {hook} ({plural_saes(len(todo))})", initial=position)
     last_ckpt = time.monotonic()
     for batch in loader:
         fvus = [t.train_step(batch) for t in trainees if not t.done]
@@ -429,23 +429,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _bar(progress: bool, total: int, position: int, hook: str, n: int) -> Any:
-    if not progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=position,
-        unit="tok",
-        unit_scale=True,
-        file=sys.stderr,
-        mininterval=0.5,
-        desc=f"train {hook} ({n} SAE{'s' if n > 1 else ''})",
-        dynamic_ncols=True,
-    )
 
 
 def summary(run: str) -> list[dict[str, Any]]:
