@@ -1,28 +1,35 @@
 """actstore: a data-centric activation store for sparse-autoencoder research.
 
 Harvest a model's activations once into Zarr; everything after is a query. Each CLI command is a
-function here with the same name and options (`actstore harvest` ⇔ `actstore.harvest`). Imports are
-lazy so that `actstore --help` does not wait for torch.
+function here with the same name and options (`actstore harvest` ⇔ `actstore.harvest`).
 """
-
-from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "ActstoreError": "actstore.errors",
-    "StoreError": "actstore.errors",
-    "UsageError": "actstore.errors",
-    "HarvestOptions": "actstore.harvest",
-    "harvest": "actstore.harvest",
-    "store_info": "actstore.info",
-}
-__all__ = ["__version__", *_EXPORTS]
+# Imported eagerly on purpose: `actstore.harvest`, `actstore.train` … must be the functions, and a
+# lazily resolved name would be shadowed by its submodule as soon as anything imports the submodule.
+from actstore.analytics import query  # noqa: E402
+from actstore.demo import demo  # noqa: E402
+from actstore.errors import ActstoreError, StoreError, UsageError  # noqa: E402
+from actstore.evaluate import EvalOptions, evaluate  # noqa: E402
+from actstore.harvest import HarvestOptions, harvest  # noqa: E402
+from actstore.info import store_info  # noqa: E402
+from actstore.train import SAESpec, TrainOptions, sweep, train  # noqa: E402
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'actstore' has no attribute {name!r}")
+__all__ = [
+    "ActstoreError",
+    "EvalOptions",
+    "HarvestOptions",
+    "SAESpec",
+    "StoreError",
+    "TrainOptions",
+    "UsageError",
+    "__version__",
+    "demo",
+    "evaluate",
+    "harvest",
+    "query",
+    "store_info",
+    "sweep",
+    "train",
+]

@@ -167,3 +167,10 @@ def test_a_store_killed_while_being_created_is_resumed_not_bricked(tmp_path):
     zarr.create_group(out, attributes={"settings": opts.settings(), "commit": {"n_seq": 0}}, zarr_format=3)
     harvest(out, opts)
     assert zarr.open_group(out, mode="r").attrs["commit"]["n_seq"] == 8
+
+
+def test_every_step_is_also_a_python_function_of_the_package():
+    import actstore
+
+    for name in ("harvest", "store_info", "train", "sweep", "evaluate", "query", "demo"):
+        assert callable(getattr(actstore, name))
