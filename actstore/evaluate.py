@@ -5,7 +5,7 @@ numbers per token, so they are all computed here, in one pass, and written as Pa
 follow METHODS.md exactly. For a residual-stream hook the layers below it run once per batch (the clean
 prefix) and only the layers above it run again for each patch: the SAE's x̂, zero ablation, and three
 perturbations of the SAE error's size (isotropic ε-random, same-cosine, activation-difference).
-Other hooks, and TransformerLens versions without `start_at_layer`, patch through a hook instead.
+Other hooks, and architectures where that direct suffix does not reproduce the model, patch through a hook.
 """
 
 from __future__ import annotations
@@ -43,38 +43,58 @@ class EvalOptions:
 
 
 class Patcher:
-    """Runs the model above a hook from a replacement activation, sharing the clean prefix."""
+    """Runs the model above a hook from a replacement activation, sharing the clean prefix.
+
+    For `blocks.L.hook_resid_post` / `resid_pre` it runs only the bridge's blocks above the hook, then
+    the final norm and unembedding (TransformerLens 4.3's `start_at_layer` was measured to still
+    execute every block). That direct path is checked once against a full forward on a probe batch;
+    any mismatch or error (other architectures, TransformerLens 3.x) falls back to patching through a
+    hook in a full forward, which is always right and only slower.
+    """
 
     def __init__(self, model: LoadedModel, hook: str):
         self.model, self.hook = model, hook
         m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
         self.start = None if m is None else int(m.group(1)) + (1 if m.group(2) == "post" else 0)
-        if self.start is not None and not _supports_start_at_layer(model):
+        if self.start is not None and not self._direct_suffix_agrees():
             self.start = None
 
     @torch.inference_mode()
     def logprobs(self, tokens: Tensor, replacement: Tensor) -> Tensor:
         """log-softmax (float32) of the logits with `replacement` in place of the hook's activation."""
-        bridge = self.model.bridge
-        act = replacement.to(bridge.cfg.dtype if hasattr(bridge.cfg, "dtype") else replacement.dtype)
-        if self.start is not None and self.start < self.model.n_layers:
-            logits = bridge(act, start_at_layer=self.start)
+        if self.start is not None:
+            logits = self._suffix(replacement)
         else:
-            logits = bridge.run_with_hooks(
-                tokens, fwd_hooks=[(self.hook, lambda a, hook: act.to(a.dtype).reshape(a.shape))]
-            )
+            act = replacement
+
+            def swap(a: Tensor, hook: Any) -> Tensor:
+                return act.to(a.dtype).reshape(a.shape)
+
+            logits = self.model.bridge.run_with_hooks(tokens, fwd_hooks=[(self.hook, swap)])
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def _suffix(self, resid: Tensor) -> Tensor:
+        bridge = self.model.bridge
+        h = resid.to(next(bridge.parameters()).dtype)
+        n, t = h.shape[:2]
+        pos = torch.arange(t, device=h.device)[None].expand(n, -1)
+        rotary = bridge.rotary_emb(h, pos) if hasattr(bridge, "rotary_emb") else None
+        mask = torch.full((t, t), float("-inf"), dtype=h.dtype, device=h.device).triu(1)[None, None]
+        for block in bridge.blocks[self.start :]:
+            out = block(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
+            h = out[0] if isinstance(out, tuple) else out
+        return bridge.unembed(bridge.ln_final(h))
 
-def _supports_start_at_layer(model: LoadedModel) -> bool:
-    try:
-        with torch.inference_mode():
-            model.bridge(
-                torch.zeros(1, 2, int(model.bridge.cfg.d_model), device=model.device), start_at_layer=model.n_layers - 1
-            )
-        return True
-    except Exception:  # TransformerLens 3.x bridges refuse start_at_layer
-        return False
+    @torch.inference_mode()
+    def _direct_suffix_agrees(self) -> bool:
+        try:
+            tokens = (torch.arange(22).reshape(2, 11) % int(self.model.bridge.cfg.d_vocab)).to(self.model.device)
+            resid = capture(self.model, tokens, [self.hook])[self.hook]
+            want = self.model.bridge(tokens).float()
+            got = self._suffix(resid).float()
+            return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))
+        except Exception:  # an architecture whose blocks take other arguments: use the hook path
+            return False
 
 
 def next_token_ce(logp: Tensor, tokens: Tensor) -> Tensor:
