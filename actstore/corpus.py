@@ -178,9 +178,7 @@ def _select_split(docs: Iterable[Document], split: str) -> Iterator[Document]:
 
 def is_byte_tokenizer(tokenizer: Any) -> bool:
     """True for the tiny model's tokenizer, whose ids are the UTF-8 bytes themselves."""
-    return getattr(tokenizer, "actstore_byte_level", False) or (
-        len(tokenizer) == 257 and tokenizer.convert_tokens_to_ids("<|endoftext|>") == 256
-    )
+    return len(tokenizer) == 257 and tokenizer.convert_tokens_to_ids("<|endoftext|>") == 256
 
 
 def _tokenized(docs: Iterable[Document], tokenizer: Any, eot_id: int) -> Iterator[np.ndarray]:

@@ -29,7 +29,6 @@ from actstore.progress import plural_saes, token_bar
 from actstore.saeio import EvalSAE, load_eval_sae
 
 EPS = 1e-10  # METHODS.md: relerr = ‖e‖/(‖x‖ + 1e-10)
-PATCHES = ("patched", "eps", "samecos", "actdiff")
 
 
 @dataclass(frozen=True)
@@ -284,7 +283,7 @@ def _evaluate_hook(
                     z[nz[:, 0], nz[:, 1]].cpu().numpy().astype(np.float32),
                 )
             )
-            recon[s.sae_id][start:stop] = _stored(xh.reshape(x.shape), recon[s.sae_id].attrs["actstore_dtype"])
+            recon[s.sae_id][start:stop] = st.to_stored(xh.reshape(x.shape), recon[s.sae_id].attrs["actstore_dtype"])
         if bar is not None:
             bar.update(n_b * seq_len)
     if bar is not None:
@@ -299,12 +298,6 @@ def _place(x_live: Tensor, candidate: Tensor, pos: int | None) -> Tensor:
     out = x_live.clone()
     out[:, pos] = candidate[:, pos]
     return out
-
-
-def _stored(x: Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return x.to(getattr(torch, dtype)).cpu().numpy()
 
 
 def _recon_array(group: Any, hook: str, sae_id: str) -> Any:

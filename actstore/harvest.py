@@ -192,13 +192,6 @@ def _lossy_summary(acc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
-    t = t.reshape(t.shape[0], t.shape[1], -1)  # (batch, pos, heads, d_head) hooks are flattened
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.to(getattr(torch, dtype)).cpu().numpy()
-
-
 def harvest(
     out: str,
     options: HarvestOptions | None = None,
@@ -277,7 +270,7 @@ def harvest(
             _check_vocab(batch, model)
             tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
             acts = capture(model, tokens, hooks)
-            writer.put((seq, batch, {h: _to_numpy(a, o.dtype) for h, a in acts.items()}))
+            writer.put((seq, batch, {h: st.to_stored(a.reshape(*a.shape[:2], -1), o.dtype) for h, a in acts.items()}))
             seq += len(batch)
             if bar is not None:
                 bar.update(batch.size)

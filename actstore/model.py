@@ -44,9 +44,6 @@ class LoadedModel:
     def tokenizer(self) -> Any:
         return self.bridge.tokenizer
 
-    def hook_names(self) -> list[str]:
-        return sorted(self.bridge.hook_dict)
-
     def config_summary(self) -> dict[str, Any]:
         cfg = self.bridge.cfg
         keys = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "architecture")

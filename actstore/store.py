@@ -93,6 +93,15 @@ def to_float32(values: np.ndarray, stored_dtype: str) -> np.ndarray:
     return values.astype(np.float32, copy=False)
 
 
+def to_stored(t: Any, dtype: str) -> np.ndarray:
+    """A torch tensor as the numpy array a store of `dtype` holds (bfloat16 as its uint16 bits)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.to(getattr(torch, dtype)).cpu().numpy()
+
+
 def numpy_dtype(dtype: str) -> np.dtype:
     return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
 

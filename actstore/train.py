@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ class TrainOptions:
     log_every: int = 10
     checkpoint_seconds: float = 120.0
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def format_tokens(n: int) -> str:
@@ -341,7 +340,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
 
 def run_settings(store: str, o: TrainOptions, lo: LoaderOptions) -> dict[str, Any]:
     """What, beyond the sae_id, decides an SAE's weights: a finished SAE is reused only if these match."""
-    opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device", "extra")}
+    opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device")}
     return json.loads(json.dumps({"store": str(store), "options": opts, "loader": asdict(lo)}))
 
 
