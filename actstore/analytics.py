@@ -1,57 +1,169 @@
 """DuckDB over the records: read-only views and the named queries shipped in `sql/`.
 
 Why DuckDB: the records are Parquet and the questions are aggregations over millions of per-token
-rows; an embedded SQL engine answers them without loading everything, and the same `.sql` files run
-unchanged in a collaborator's bare `duckdb` shell.
+rows; an embedded SQL engine answers them while streaming, and the same `.sql` files run unchanged in
+a collaborator's bare `duckdb` shell (`.read _macros.sql`, then the query). A named query's parameters
+are DuckDB variables: each file starts with `SET VARIABLE p = coalesce(getvariable('p'), default);`,
+so a value set beforehand (`--param p=v`, or `SET VARIABLE` in the shell) wins over the default.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from actstore import records as rec
 from actstore.errors import UsageError
 
+_PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.+)\);\s*(?:--\s*(.*))?$", re.M)
 
-def connect(run: str):
-    """An in-memory DuckDB connection with one view per records table present under RUN/records."""
+
+@dataclass(frozen=True)
+class NamedQuery:
+    name: str
+    purpose: str  # the header's first line
+    reads: str  # the views it reads
+    params: dict[str, tuple[str, str]]  # name -> (default SQL, meaning)
+    text: str
+
+
+def resolve(run_or_bundle: str) -> Path:
+    """The directory holding `records/`: a run, a bundle directory, or an unpacked .tar/.zip bundle."""
+    path = Path(run_or_bundle)
+    if path.suffix in (".tar", ".zip") and path.is_file():
+        from actstore.bundle import open_bundle
+
+        path = Path(open_bundle(str(path)))
+    if not (path / "records").is_dir():
+        raise UsageError(f"{run_or_bundle} has no records/; run `actstore eval` on it first (or give a bundle)")
+    return path
+
+
+def connect(run_or_bundle: str):
+    """An in-memory DuckDB connection with a view per records table present, and the shared macros."""
     import duckdb
 
+    root = resolve(run_or_bundle)
     con = duckdb.connect()
     for table in rec.TABLES:
-        if any(rec.table_dir(run, table).glob("sae_id=*/part-0.parquet")):
-            pattern = str(rec.table_dir(run, table) / "sae_id=*" / "part-0.parquet")
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true)")
+        parts = rec.part_files(root, table)
+        if parts:
+            listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true)")
+    con.execute((files("actstore.sql") / "_macros.sql").read_text())
     return con
 
 
+def named_queries() -> dict[str, NamedQuery]:
+    """Every `sql/<name>.sql` (files starting with `_` are shared definitions, not queries)."""
+    out = {}
+    for path in sorted(files("actstore.sql").iterdir(), key=lambda p: p.name):
+        if path.name.endswith(".sql") and not path.name.startswith("_"):
+            out[path.name[:-4]] = _parse(path.name[:-4], path.read_text())
+    return out
+
+
+def _parse(name: str, text: str) -> NamedQuery:
+    header = [line[2:].strip() for line in text.splitlines() if line.startswith("--")]
+    purpose = header[0].split(":", 1)[-1].strip() if header else ""
+    reads = next((h.split(":", 1)[1].strip() for h in header if h.lower().startswith("reads:")), "")
+    params = {m.group(1): (m.group(3).strip(), (m.group(4) or "").strip()) for m in _PARAM.finditer(text)}
+    return NamedQuery(name, purpose, reads, params, text)
+
+
+def get_query(name: str) -> NamedQuery:
+    queries = named_queries()
+    if name not in queries:
+        raise UsageError(f"no named query {name!r}; there are: {', '.join(queries)} (`actstore sql RUN --list`)")
+    return queries[name]
+
+
 def query_text(name: str) -> str:
-    path = files("actstore.sql") / f"{name}.sql"
-    if not path.is_file():
-        names = sorted(Path(str(p)).stem for p in files("actstore.sql").iterdir() if str(p).endswith(".sql"))
-        raise UsageError(f"no named query {name!r}; there are: {', '.join(names)}")
-    return path.read_text()
+    return get_query(name).text
 
 
-def query(run: str, name: str) -> pl.DataFrame:
-    """Run the named query `sql/<name>.sql` over RUN's records; a polars DataFrame back."""
-    if not (Path(run) / "records").is_dir():
-        raise UsageError(f"{run} has no records/; run `actstore eval` first")
-    return connect(run).sql(query_text(name)).pl()
+def sql_literal(value: Any) -> str:
+    """A Python value (or a CLI string) as a DuckDB literal: numbers stay numbers, the rest are strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "'" + ",".join(str(v) for v in value) + "'"
+    text = str(value)
+    if re.fullmatch(r"-?\d+", text) or re.fullmatch(r"-?(\d+\.\d*|\.\d+|\d+)(e-?\d+)?", text, re.I):
+        return text
+    return "'" + text.replace("'", "''") + "'"
 
 
-def format_table(df: pl.DataFrame) -> str:
-    """A terminal-width table of a query result (every row, 4 decimals, no wrapping)."""
+def run_sql(con, text: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
+    """Set `params` as DuckDB variables, run every statement of `text`, return the last one's rows."""
+    import duckdb
+
+    for key, value in (params or {}).items():
+        if not re.fullmatch(r"\w+", key):
+            raise UsageError(f"parameter name {key!r} is not an identifier; use --param name=value")
+        con.execute(f"SET VARIABLE {key} = {sql_literal(value)}")
+    statements = duckdb.extract_statements(text)
+    if not statements:
+        raise UsageError("the SQL text is empty; give a SELECT or --query NAME")
+    try:
+        for statement in statements[:-1]:
+            con.execute(statement.query)
+        return con.sql(statements[-1].query).pl()
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UsageError(f"SQL failed: {first} (views: {', '.join(_views(con))})") from None
+
+
+def _views(con) -> list[str]:
+    return [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+
+
+def query(run: str, name: str, **params: Any) -> pl.DataFrame:
+    """Run the named query `sql/<name>.sql` over a run's (or bundle's) records; a polars DataFrame back."""
+    q = get_query(name)
+    unknown = sorted(set(params) - set(q.params))
+    if unknown:
+        raise UsageError(f"{name} has no parameter {', '.join(unknown)}; it takes: {', '.join(q.params) or 'none'}")
+    return run_sql(connect(run), q.text, params)
+
+
+def sql(run: str, text: str, **params: Any) -> pl.DataFrame:
+    """Run ad-hoc SQL over a run's (or bundle's) records."""
+    return run_sql(connect(run), text, params)
+
+
+def format_table(df: pl.DataFrame, decimals: int = 4) -> str:
+    """A terminal-width table of a query result (every row, no wrapping)."""
     with pl.Config(
         tbl_rows=-1,
         tbl_cols=-1,
         fmt_str_lengths=80,
         tbl_hide_dataframe_shape=True,
-        float_precision=4,
+        float_precision=decimals,
         tbl_width_chars=250,
         tbl_hide_column_data_types=True,
     ):
         return str(df)
+
+
+def with_intervals(df: pl.DataFrame, decimals: int = 4) -> pl.DataFrame:
+    """Fold each `x`, `x_lo`, `x_hi` column triple into one "x [lo, hi]" text column, for reading."""
+    out = df
+    for col in df.columns:
+        if f"{col}_lo" in df.columns and f"{col}_hi" in df.columns:
+            f = f"{{:.{decimals}f}}"
+            text = pl.struct(col, f"{col}_lo", f"{col}_hi").map_elements(
+                lambda r, c=col: "" if r[c] is None else f.format(r[c]) + (
+                    "" if r[f"{c}_lo"] is None else f" [{f.format(r[f'{c}_lo'])}, {f.format(r[f'{c}_hi'])}]"
+                ),
+                return_dtype=pl.String,
+            )
+            out = out.with_columns(text.alias(col)).drop(f"{col}_lo", f"{col}_hi")
+    return out

@@ -329,11 +329,12 @@ def _recon_array(group: Any, hook: str, sae_id: str) -> Any:
 def _frames(
     s: EvalSAE, store_path: str, group: Any, cols: dict[str, list], codes: list, n_seq: int, o: EvalOptions
 ) -> dict[str, pl.DataFrame]:
-    tokens = pl.DataFrame({k: np.concatenate(v) for k, v in cols.items()}).with_columns(
-        pl.lit(str(store_path)).alias("store"), pl.col(pl.Float32).fill_nan(None)
-    )
     names = ("seq", "pos", "latent", "value")
     code_frame = pl.DataFrame({name: np.concatenate([c[i] for c in codes]) for i, name in enumerate(names)})
+    rate, latents = _rate_and_latents(s, code_frame, n_seq * int(group["tokens"].shape[1]), int(group["tokens"].shape[1]))
+    tokens = pl.DataFrame({k: np.concatenate(v) for k, v in cols.items()}).with_columns(
+        pl.Series("rate_bits", rate), pl.lit(str(store_path)).alias("store"), pl.col(pl.Float32).fill_nan(None)
+    )
     meta = s.cfg.get("actstore", {})
     saes = pl.DataFrame(
         [
@@ -366,4 +367,27 @@ def _frames(
             }
         ]
     )
-    return {"tokens": tokens, "codes": code_frame, "saes": saes, "evals": evals}
+    return {"tokens": tokens, "codes": code_frame, "latents": latents, "saes": saes, "evals": evals}
+
+
+def _rate_and_latents(s: EvalSAE, codes: pl.DataFrame, n_tokens: int, seq_len: int) -> tuple[np.ndarray, pl.DataFrame]:
+    """Per-token rate proxy (METHODS.md) and per-latent firing counts and decoder norms.
+
+    Rate: Σ over a token's active latents of −log₂ p_i, p_i = latent i's share of all firings on the
+    evaluated tokens, plus 8 bits per active value. Rows of `tokens` are seq-major from seq 0, so a
+    code's token row is seq · seq_len + pos.
+    """
+    latent = codes["latent"].to_numpy()
+    fires = np.bincount(latent, minlength=s.d_sae)
+    bits = -np.log2(np.maximum(fires, 1) / max(len(latent), 1))[latent] + 8.0
+    row = codes["seq"].to_numpy().astype(np.int64) * seq_len + codes["pos"].to_numpy()
+    rate = np.bincount(row, weights=bits, minlength=n_tokens).astype(np.float32)
+    latents = pl.DataFrame(
+        {
+            "latent": np.arange(s.d_sae, dtype=np.int32),
+            "fires": fires.astype(np.int64),
+            "firing_rate": (fires / n_tokens).astype(np.float64),
+            "dec_norm": s.W_dec.float().norm(dim=-1).cpu().numpy().astype(np.float32),
+        }
+    )
+    return rate, latents

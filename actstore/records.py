@@ -16,26 +16,34 @@ from pathlib import Path
 import polars as pl
 
 SCHEMA_VERSION = "1"
-TABLES = ("saes", "tokens", "codes", "evals", "curves")
+TABLES = ("saes", "tokens", "codes", "latents", "evals", "curves", "darkmatter", "layers")
 
 
 def table_dir(run: str | Path, table: str) -> Path:
     return Path(run) / "records" / table
 
 
-def part_path(run: str | Path, table: str, sae_id: str) -> Path:
-    return table_dir(run, table) / f"sae_id={sae_id}" / "part-0.parquet"
+def part_path(run: str | Path, table: str, sae_id: str, partition: str = "sae_id") -> Path:
+    return table_dir(run, table) / f"{partition}={sae_id}" / "part-0.parquet"
 
 
-def write_parts(run: str | Path, sae_id: str, frames: dict[str, pl.DataFrame]) -> None:
-    """Replace `sae_id`'s partition of each table: all written aside first, then renamed into place."""
+def part_files(run: str | Path, table: str) -> list[Path]:
+    """A table's committed files (never a `.partial` or `.old` directory left by a killed write)."""
+    return sorted(p for p in table_dir(run, table).glob("*=*/part-0.parquet") if p.parent.suffix not in (".partial", ".old"))
+
+
+def write_parts(run: str | Path, key: str, frames: dict[str, pl.DataFrame], partition: str = "sae_id") -> None:
+    """Replace partition `key` of each table: all written aside first, then renamed into place.
+
+    Tables are partitioned by `sae_id`, except `layers` (by store, `store_key`).
+    """
     staged: list[tuple[Path, Path]] = []
     for table, frame in frames.items():
-        final = part_path(run, table, sae_id).parent
+        final = part_path(run, table, key, partition).parent
         tmp = final.with_name(final.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        frame.drop("sae_id", strict=False).write_parquet(
+        frame.drop(partition, strict=False).write_parquet(
             tmp / "part-0.parquet", compression="zstd", metadata={"actstore_schema": SCHEMA_VERSION}
         )
         staged.append((tmp, final))
@@ -48,7 +56,7 @@ def write_parts(run: str | Path, sae_id: str, frames: dict[str, pl.DataFrame]) -
 
 
 def read_table(run: str | Path, table: str) -> pl.DataFrame:
-    files = sorted(table_dir(run, table).glob("sae_id=*/part-0.parquet"))
+    files = part_files(run, table)
     if not files:
         return pl.DataFrame()
     return pl.read_parquet(files, hive_partitioning=True)
