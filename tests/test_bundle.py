@@ -1,0 +1,288 @@
+"""Bundles: what goes in, what bare DuckDB reads back, and what `verify` catches (directory, .tar and .zip)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import zarr
+from actstore.cli.bundle import bundle as bundle_cli
+from click.testing import CliRunner
+
+from actstore import bundle
+from actstore import records as rec
+from actstore.errors import StoreError, UsageError
+
+SAE_IDS = ("blocks.1.hook_resid_post__k4_x2_s0", "blocks.3.hook_resid_post__k8_x2_s0")
+N_SEQ, SEQ_LEN, D = 3, 4, 2
+KINDS = ("", ".tar", ".zip")  # a directory bundle, then the two archives
+TOKENS_PART = f"records/tokens/sae_id={SAE_IDS[0]}/part-0.parquet"
+
+
+def _hook(sae_id: str) -> str:
+    return sae_id.split("__")[0]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """Two evaluated SAEs: records of four tables (one partitioned by hook), an eval store with recon, fake weights."""
+    store = tmp_path / "eval.zarr"
+    group = zarr.open_group(str(store), mode="w", zarr_format=3)
+    group.attrs.update(
+        {"model": {"name": "tiny"}, "corpus": {"corpus": "builtin", "split": "eval"}, "seq_len": SEQ_LEN}
+    )
+    group.create_array("tokens", shape=(N_SEQ, SEQ_LEN), dtype="int32")[:] = np.arange(N_SEQ * SEQ_LEN).reshape(
+        N_SEQ, -1
+    )
+    run = tmp_path / "run"
+    seq, pos = np.repeat(np.arange(N_SEQ), SEQ_LEN), np.tile(np.arange(SEQ_LEN), N_SEQ)
+    for i, sae_id in enumerate(SAE_IDS):
+        recon = group.create_array(f"recon/{sae_id}/{_hook(sae_id)}", shape=(N_SEQ, SEQ_LEN, D), dtype="float16")
+        recon[:] = np.full((N_SEQ, SEQ_LEN, D), i + 0.5)
+        tokens = pl.DataFrame(
+            {"seq": seq, "pos": pos, "token": seq * SEQ_LEN + pos, "sse": [0.5] * len(seq), "sst": [2.0] * len(seq)}
+        ).with_columns(ce_orig=pl.lit(3.0), ce_patched=pl.lit(3.0 + i), store=pl.lit(str(store)))
+        saes = pl.DataFrame({"model": ["tiny"], "hook": [_hook(sae_id)], "k": [4 * (i + 1)], "d_sae": [4]})
+        evals = pl.DataFrame({"store": [str(store)], "n_seq": [N_SEQ]})
+        rec.write_parts(run, sae_id, {"saes": saes, "tokens": tokens, "evals": evals})
+        (run / "saes" / sae_id).mkdir(parents=True)
+        (run / "saes" / sae_id / "cfg.json").write_text(json.dumps({"k": 4 * (i + 1), "hook_name": _hook(sae_id)}))
+        (run / "saes" / sae_id / "sae_weights.safetensors").write_bytes(bytes([i]) * 64)
+    layers = run / "records" / "layers" / "hook=blocks.1.hook_resid_post" / "part-0.parquet"
+    layers.parent.mkdir(parents=True)
+    pl.DataFrame({"layer": [1], "participation_ratio": [3.5]}).write_parquet(layers)
+    leftover = run / "records" / "tokens" / "sae_id=killed.partial" / "part-0.parquet"  # a killed eval's leftovers
+    leftover.parent.mkdir()
+    leftover.write_bytes(layers.read_bytes())
+    (run / "run.json").write_text(json.dumps({"store": "train.zarr", "model": "tiny"}))
+    return run
+
+
+def _make(run: Path, tmp_path: Path, kind: str = "", **kw) -> Path:
+    return bundle.create(str(run), str(tmp_path / f"out{kind}"), **kw)
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((bundle.open_bundle(str(path)) / "manifest.json").read_text())
+
+
+def _flip_byte(path: Path, member: str) -> None:
+    """Change one byte of `member` where it lies: the file itself, or its stored bytes inside the archive."""
+    raw = bytearray(path.read_bytes() if path.is_file() else (path / member).read_bytes())
+    if path.is_file():
+        content = bundle.open_bundle(str(path)).joinpath(member).read_bytes()
+        where = raw.find(content) + len(content) // 2
+    else:
+        where = len(raw) // 2
+    raw[where] ^= 0xFF
+    (path if path.is_file() else path / member).write_bytes(raw)
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Apply `edit(directory)` to a bundle; an archive is unpacked, edited and packed again in its own format."""
+    if path.is_dir():
+        return edit(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shutil.unpack_archive(path, root)
+        edit(root)
+        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        if path.suffix == ".tar":
+            with tarfile.open(path, "w") as tf:
+                for name in names:
+                    tf.add(root / name, arcname=name)
+        else:
+            with zipfile.ZipFile(path, "w") as zf:
+                for name in names:
+                    zf.write(root / name, arcname=name)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_bundle's extraction cache goes under this test's tmp_path, not the machine's /tmp."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_bundle_verifies_clean(run, tmp_path, kind):
+    out = _make(run, tmp_path, kind)
+    assert out.is_dir() == (kind == "")
+    assert bundle.verify(str(out)) == []
+    assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".partial.d").exists()
+
+
+def test_bundle_copies_every_record_file_at_its_path_and_skips_staging_leftovers(run, tmp_path):
+    out = _make(run, tmp_path)
+    wanted = {p.relative_to(run).as_posix() for p in (run / "records").rglob("*.parquet") if ".partial" not in str(p)}
+    got = {p.relative_to(out).as_posix() for p in (out / "records").rglob("*.parquet")}
+    assert got == wanted
+    assert "records/layers/hook=blocks.1.hook_resid_post/part-0.parquet" in got
+    assert (out / TOKENS_PART).read_bytes() == (run / TOKENS_PART).read_bytes()
+
+
+def test_manifest_lists_every_file_with_sha_and_size_and_the_provenance(run, tmp_path):
+    out = _make(run, tmp_path)
+    manifest = _manifest(out)
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk and "README.md" in on_disk
+    assert manifest["files"][TOKENS_PART]["size"] == (out / TOKENS_PART).stat().st_size
+    assert manifest["schema_version"] == rec.SCHEMA_VERSION
+    provenance = manifest["provenance"]
+    assert provenance["run"] == {"store": "train.zarr", "model": "tiny"}
+    assert [attrs["corpus"]["split"] for attrs in provenance["stores"].values()] == ["eval"]
+    assert sorted(row["sae_id"] for row in provenance["saes"]) == sorted(SAE_IDS)
+    assert manifest["tables"]["tokens"] == {"files": 2, "rows": 2 * N_SEQ * SEQ_LEN}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_changed_byte_of_a_parquet_file_is_reported(run, tmp_path, kind):
+    out = _make(run, tmp_path, kind)
+    _flip_byte(out, TOKENS_PART)
+    problems = bundle.verify(str(out))
+    assert len(problems) == 1 and TOKENS_PART in problems[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_and_extra_files_are_reported(run, tmp_path, kind):
+    out = _make(run, tmp_path, kind)
+
+    def edit(root: Path) -> None:
+        (root / TOKENS_PART).unlink()
+        (root / "records" / "tokens" / "notes.txt").write_text("added later")
+
+    _rewrite(out, edit)
+    problems = bundle.verify(str(out))
+    assert sorted(p.split(":")[0] for p in problems) == ["extra", "missing"]
+    assert any(TOKENS_PART in p for p in problems) and any("notes.txt" in p for p in problems)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_or_garbled_manifest_is_reported(run, tmp_path, kind):
+    out = _make(run, tmp_path, kind)
+    _rewrite(out, lambda root: (root / "manifest.json").unlink())
+    assert "no manifest.json" in bundle.verify(str(out))[0]
+    _rewrite(out, lambda root: (root / "manifest.json").write_text("{not json"))
+    assert "unreadable" in bundle.verify(str(out))[0]
+
+
+def test_bare_duckdb_reads_the_records_with_their_partitions(run, tmp_path):
+    out = _make(run, tmp_path)
+    script = (
+        "import sys, duckdb\n"
+        'rel = duckdb.sql("SELECT count(*), list(DISTINCT sae_id ORDER BY sae_id) '
+        "FROM read_parquet('records/tokens/*/*.parquet', hive_partitioning = true)\")\n"
+        "print(rel.fetchall()[0]); assert 'actstore' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=out, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str((2 * N_SEQ * SEQ_LEN, list(SAE_IDS)))
+
+
+def test_readme_describes_the_tables_and_its_queries_run_in_bare_duckdb(run, tmp_path):
+    out = _make(run, tmp_path)
+    readme = (out / "README.md").read_text()
+    for heading in ("### tokens", "### saes", "### evals", "### layers", "| sse | DOUBLE |", "| sae_id | VARCHAR |"):
+        assert heading in readme
+    queries = re.findall(r"```sql\n(.*?)```", readme, re.S)
+    assert len(queries) == 3
+    script = "import duckdb, sys\nfor q in sys.argv[1:]:\n    assert duckdb.sql(q).fetchall(), q\n"
+    subprocess.run([sys.executable, "-c", script, *queries], cwd=out, capture_output=True, text=True, check=True)
+
+
+def test_create_refuses_an_existing_out_and_leaves_it_untouched(run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="--overwrite"):
+        bundle.create(str(run), str(out))
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    bundle.create(str(run), str(out), overwrite=True)
+    assert not (out / "mine.txt").exists() and bundle.verify(str(out)) == []
+
+
+def test_create_refuses_to_overwrite_the_run_itself(run, tmp_path):
+    with pytest.raises(UsageError, match="outside"):
+        bundle.create(str(run), str(tmp_path), overwrite=True)
+    assert (run / TOKENS_PART).is_file()
+
+
+def test_run_without_records_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="actstore eval"):
+        bundle.create(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_saes_includes_the_weights(run, tmp_path, kind):
+    plain = bundle.listing(str(_make(run, tmp_path, kind)))
+    assert not any(name.startswith("saes/") for name in plain)
+    out = bundle.create(str(run), str(tmp_path / f"full{kind}"), with_saes=True)
+    weights = f"saes/{SAE_IDS[1]}/sae_weights.safetensors"
+    assert weights in _manifest(out)["files"] and f"saes/{SAE_IDS[0]}/cfg.json" in bundle.listing(str(out))
+    assert (bundle.open_bundle(str(out)) / weights).read_bytes() == (run / weights).read_bytes()
+    assert bundle.verify(str(out)) == []
+
+
+def test_with_recon_packs_a_zarr_group_of_tokens_and_reconstructions(run, tmp_path):
+    out = _make(run, tmp_path, with_recon=True)
+    group = zarr.open_group(str(out / "recon.zarr"), mode="r")
+    assert group.attrs["corpus"]["split"] == "eval" and "acts" not in group
+    assert np.array_equal(group["tokens"][:], np.arange(N_SEQ * SEQ_LEN).reshape(N_SEQ, -1))
+    assert float(group[f"recon/{SAE_IDS[1]}/{_hook(SAE_IDS[1])}"][0, 0, 0]) == 1.5
+    assert any(name.startswith("recon.zarr/recon/") for name in _manifest(out)["files"])
+
+
+def test_failed_create_leaves_nothing_behind(run, tmp_path):
+    shutil.rmtree(tmp_path / "eval.zarr")
+    with pytest.raises(StoreError, match="not found"):
+        _make(run, tmp_path, ".tar", with_recon=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tmp"]
+
+
+def test_open_bundle_extracts_an_archive_once_and_again_when_it_changes(run, tmp_path):
+    out = _make(run, tmp_path, ".zip")
+    first = bundle.open_bundle(str(out))
+    assert (first / TOKENS_PART).is_file() and (first / "manifest.json").is_file()
+    (first / "marker").write_text("cached")
+    assert bundle.open_bundle(str(out)) == first and (first / "marker").exists()
+    bundle.create(str(run), str(out), overwrite=True, with_saes=True)
+    second = bundle.open_bundle(str(out))
+    assert second != first and (second / "saes").is_dir()
+    assert bundle.open_bundle(str(run)) == run
+
+
+def test_cli_creates_a_bundle_and_verify_says_ok(run, tmp_path):
+    out = tmp_path / "out.tar"
+    made = CliRunner().invoke(bundle_cli, ["create", str(run), str(out), "--with-saes"])
+    assert made.exit_code == 0, made.output
+    assert made.stdout.strip() == str(out) and "files" in made.stderr
+    checked = CliRunner().invoke(bundle_cli, ["verify", str(out)])
+    assert checked.exit_code == 0
+    assert checked.stdout.strip() == f"ok: {len(_manifest(out)['files'])} files verified"
+
+
+def test_cli_verify_names_the_changed_file_and_exits_1(run, tmp_path):
+    out = _make(run, tmp_path)
+    _flip_byte(out, TOKENS_PART)
+    checked = CliRunner().invoke(bundle_cli, ["verify", str(out)])
+    assert checked.exit_code == 1 and isinstance(checked.exception, StoreError)
+    assert TOKENS_PART in checked.stdout
+
+
+def test_cli_create_refuses_an_existing_out_without_overwrite(run, tmp_path):
+    out = _make(run, tmp_path)
+    before = (out / "manifest.json").read_bytes()
+    refused = CliRunner().invoke(bundle_cli, ["create", str(run), str(out)])
+    assert isinstance(refused.exception, UsageError) and "--overwrite" in str(refused.exception)
+    assert (out / "manifest.json").read_bytes() == before
