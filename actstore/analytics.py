@@ -155,15 +155,52 @@ def format_table(df: pl.DataFrame, decimals: int = 4) -> str:
 
 def with_intervals(df: pl.DataFrame, decimals: int = 4) -> pl.DataFrame:
     """Fold each `x`, `x_lo`, `x_hi` column triple into one "x [lo, hi]" text column, for reading."""
+
+    def fmt(c: str) -> pl.Expr:
+        return pl.col(c).map_elements(f"{{:.{decimals}f}}".format, return_dtype=pl.String)
+
     out = df
     for col in df.columns:
         if f"{col}_lo" in df.columns and f"{col}_hi" in df.columns:
-            f = f"{{:.{decimals}f}}"
-            text = pl.struct(col, f"{col}_lo", f"{col}_hi").map_elements(
-                lambda r, c=col: "" if r[c] is None else f.format(r[c]) + (
-                    "" if r[f"{c}_lo"] is None else f" [{f.format(r[f'{c}_lo'])}, {f.format(r[f'{c}_hi'])}]"
-                ),
-                return_dtype=pl.String,
-            )
-            out = out.with_columns(text.alias(col)).drop(f"{col}_lo", f"{col}_hi")
+            text = pl.concat_str(fmt(col), pl.lit(" ["), fmt(f"{col}_lo"), pl.lit(", "), fmt(f"{col}_hi"), pl.lit("]"))
+            out = out.with_columns(pl.coalesce(text, fmt(col)).alias(col)).drop(f"{col}_lo", f"{col}_hi")
     return out
+
+
+def headline(run: str) -> pl.DataFrame:
+    """The per-SAE table the CLI and demo print: summary's main numbers with CIs, and the KL gaps."""
+    df = query(run, "summary")
+    gaps = query(run, "kl_gap").pivot(on="baseline", index="sae_id", values="gap")
+    gaps = gaps.rename({c: f"kl_gap_{c}" for c in gaps.columns if c != "sae_id"})
+    keep = ["sae_id", "r2", "ce_rec", "ce_loss_recovered", "kl", "alive"]
+    cols = [c for c in df.columns if c in keep or any(c == f"{k}_{e}" for k in keep for e in ("lo", "hi"))]
+    return (
+        with_intervals(df.select(cols))
+        .join(gaps, on="sae_id", how="left")
+        .sort(pl.col("sae_id").str.extract(r"^(.*)__"), pl.col("sae_id").str.extract(r"__k(\d+)_").cast(pl.Int64))
+    )
+
+
+def open_shell(run_or_bundle: str) -> None:
+    """Replace this process with the duckdb CLI, the views and macros loaded by an init file."""
+    import os
+    import shutil
+    import tempfile
+
+    exe = shutil.which("duckdb")
+    if exe is None:
+        raise UsageError(
+            'no `duckdb` CLI on PATH; install it (https://duckdb.org) or use `actstore sql RUN "SELECT …"`'
+        )
+    root = resolve(run_or_bundle)
+    lines = []
+    for table in rec.TABLES:
+        parts = rec.part_files(root, table)
+        if parts:
+            listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
+            lines.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true);")
+    lines.append((files("actstore.sql") / "_macros.sql").read_text())
+    init = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
+    init.write("\n".join(lines))
+    init.close()
+    os.execv(exe, [exe, "-init", init.name])

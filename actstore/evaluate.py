@@ -331,7 +331,9 @@ def _frames(
 ) -> dict[str, pl.DataFrame]:
     names = ("seq", "pos", "latent", "value")
     code_frame = pl.DataFrame({name: np.concatenate([c[i] for c in codes]) for i, name in enumerate(names)})
-    rate, latents = _rate_and_latents(s, code_frame, n_seq * int(group["tokens"].shape[1]), int(group["tokens"].shape[1]))
+    rate, latents = _rate_and_latents(
+        s, code_frame, n_seq * int(group["tokens"].shape[1]), int(group["tokens"].shape[1])
+    )
     tokens = pl.DataFrame({k: np.concatenate(v) for k, v in cols.items()}).with_columns(
         pl.Series("rate_bits", rate), pl.lit(str(store_path)).alias("store"), pl.col(pl.Float32).fill_nan(None)
     )

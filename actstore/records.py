@@ -29,7 +29,9 @@ def part_path(run: str | Path, table: str, sae_id: str, partition: str = "sae_id
 
 def part_files(run: str | Path, table: str) -> list[Path]:
     """A table's committed files (never a `.partial` or `.old` directory left by a killed write)."""
-    return sorted(p for p in table_dir(run, table).glob("*=*/part-0.parquet") if p.parent.suffix not in (".partial", ".old"))
+    return sorted(
+        p for p in table_dir(run, table).glob("*=*/part-0.parquet") if p.parent.suffix not in (".partial", ".old")
+    )
 
 
 def write_parts(run: str | Path, key: str, frames: dict[str, pl.DataFrame], partition: str = "sae_id") -> None:

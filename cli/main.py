@@ -286,7 +286,7 @@ def eval_(
 ) -> None:
     """Evaluate the SAEs of RUN (or --sae PATH …) on EVAL_STORE, running the model once: activation-space
     numbers, patched CE/KL with zero-ablation and three random baselines, and the active codes."""
-    from actstore.analytics import format_table, query
+    from actstore.analytics import format_table, headline
     from actstore.evaluate import EvalOptions, evaluate
     from actstore.model import resolve_device
 
@@ -303,7 +303,107 @@ def eval_(
         compute_dtype=compute_dtype,
     )
     evaluate(eval_store, run, list(sae_paths) or None, options, progress=not quiet)
-    click.echo(format_table(query(run, "eval_overview").drop("hook")))
+    click.echo(format_table(headline(run)))
+
+
+@main.command(short_help="Fit the linear error probes (dark matter) of every evaluated SAE of RUN.")
+@click.argument("run")
+@click.option("--max-seqs", default=None, type=int, help="Use only the first N evaluated sequences.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def darkmatter(run: str, max_seqs: int | None, quiet: bool) -> None:
+    """From the eval store's activations and reconstructions, fit x → error on even sequences and score on
+    odd ones: vector R², the FVU split into linear and nonlinear error, and the norm prediction test.
+    Writes the `darkmatter` table and RUN/darkmatter/<sae_id>/probe.safetensors (for `eval --darkmatter`)."""
+    from actstore.analytics import format_table, query
+    from actstore.darkmatter import darkmatter as fit
+
+    fit(run, max_seqs=max_seqs, progress=not quiet)
+    click.echo(format_table(query(run, "darkmatter").drop("sae_id")))
+
+
+@main.command(short_help="Participation ratio of every hook of a store, into RUN's `layers` table.")
+@click.argument("store")
+@click.option("--run", required=True, help="Run directory whose records/layers receives the rows.")
+@click.option("--max-seqs", default=None, type=int, help="Use only the first N sequences of the store.")
+def layers(store: str, run: str, max_seqs: int | None) -> None:
+    """PR = (Σλ)²/Σλ² of the activations' covariance eigenvalues, raw and without the top direction, per hook.
+    `actstore eval` does this for its eval store; this command covers stores without SAEs (all layers)."""
+    from actstore.analytics import format_table
+    from actstore.geometry import write_layers
+
+    click.echo(format_table(write_layers(store, run, max_seqs).drop("store")))
+
+
+@main.command("sql", short_help="Query a run's or bundle's records with DuckDB SQL, ad hoc or a named query.")
+@click.argument("run_or_bundle")
+@click.argument("text", required=False)
+@click.option("--query", "name", default=None, help="A named query from sql/ (see --list).")
+@click.option("--param", "params", multiple=True, help="name=value for the named query; repeatable.")
+@click.option("--list", "list_queries", is_flag=True, help="List the named queries, their purpose and parameters.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True
+)
+@click.option("--out", default=None, help="Write the result to this file (required for parquet).")
+@click.option("--shell", is_flag=True, help="Open the duckdb CLI (if installed) with the views and macros loaded.")
+def sql_(
+    run_or_bundle: str,
+    text: str | None,
+    name: str | None,
+    params: tuple[str, ...],
+    list_queries: bool,
+    fmt: str,
+    out: str | None,
+    shell: bool,
+) -> None:
+    """Views: saes, tokens, codes, latents, evals, curves, darkmatter, layers (those present). Examples:
+
+    \b
+      actstore sql RUN --list
+      actstore sql RUN --query summary --param min_pos=1
+      actstore sql RUN "SELECT sae_id, avg(kl_patched) FROM tokens GROUP BY ALL" --format csv
+    """
+    from actstore import analytics
+    from actstore.errors import UsageError
+
+    if list_queries:
+        for q in analytics.named_queries().values():
+            click.echo(f"{q.name:<26} {q.purpose}")
+            for p, (default, meaning) in q.params.items():
+                shown = "none" if default == "NULL" else default
+                click.echo(f"{'':<28}--param {p}=…  {meaning} (default {shown})")
+        return
+    if shell:
+        analytics.open_shell(run_or_bundle)
+        return
+    if (text is None) == (name is None):
+        raise UsageError("give either SQL text or --query NAME (see `actstore sql RUN --list`)")
+    values = {}
+    for item in params:
+        if "=" not in item:
+            raise UsageError(f"--param {item!r} is not name=value")
+        key, value = item.split("=", 1)
+        values[key.strip()] = value.strip()
+    if name is not None:
+        df = analytics.query(run_or_bundle, name, **values)
+    else:
+        df = analytics.sql(run_or_bundle, text, **values)
+    if fmt == "parquet" and out is None:
+        raise UsageError("--format parquet needs --out FILE")
+    if fmt == "table":
+        rendered = analytics.format_table(df)
+    elif fmt == "csv":
+        rendered = df.write_csv()
+    elif fmt == "json":
+        rendered = df.write_json()
+    if out is not None:
+        if fmt == "parquet":
+            df.write_parquet(out)
+        else:
+            with open(out, "w") as fh:
+                fh.write(rendered)
+        click.echo(f"{len(df)} rows written to {out}", err=True)
+    else:
+        click.echo(rendered.rstrip("\n"))
 
 
 @main.command(short_help="Run the whole pipeline on the shipped tiny model (what `make demo` runs).")
@@ -315,6 +415,10 @@ def demo(out: str, quiet: bool) -> None:
 
     run(out, progress=not quiet)
 
+
+from actstore.cli.bundle import bundle  # noqa: E402
+
+main.add_command(bundle)
 
 if __name__ == "__main__":
     main()

@@ -18,3 +18,61 @@ CREATE OR REPLACE MACRO boot_counts(n, n_boot, seed) AS TABLE
 
 -- ci(x): the 95% percentile interval of a bootstrap distribution, as [lo, hi].
 CREATE OR REPLACE MACRO ci(x) AS quantile_cont(x, [0.025, 0.975]);
+
+-- sae_stats(min_pos, max_pos, n_boot, seed, boot_n): every ratio statistic of METHODS.md per SAE, from
+-- sums over the tokens at positions min_pos…max_pos: one row with b = -1 on all sequences, then one row
+-- per resample b of the SAEs evaluated on boot_n sequences (the same draws for all of them: paired).
+CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TABLE
+    WITH per_seq AS (  -- the bootstrap's unit: one row of sums per SAE and sequence
+        SELECT sae_id, seq,
+            count(*)::DOUBLE AS n, count(kl_patched)::DOUBLE AS n_kl,
+            sum(sse) AS sse, sum(sst) AS sst, sum(ce_orig) AS ce_orig, sum(ce_patched) AS ce_patched,
+            sum(ce_zero) AS ce_zero, sum(kl_patched) AS kl, sum(kl_zero) AS kl_zero, sum(cos) AS cos,
+            sum(relerr) AS relerr, sum(l0) AS l0, sum(rate_bits) AS rate
+        FROM tokens
+        WHERE pos BETWEEN min_pos AND max_pos
+        GROUP BY ALL
+    ),
+    per_sae AS (  -- totals give the estimates; per-sequence lists in seq order feed the resamples
+        SELECT sae_id, count(*) AS n_seq,
+            sum(n) AS n, sum(n_kl) AS n_kl, sum(sse) AS sse, sum(sst) AS sst, sum(ce_orig) AS ce_orig,
+            sum(ce_patched) AS ce_patched, sum(ce_zero) AS ce_zero, sum(kl) AS kl, sum(kl_zero) AS kl_zero,
+            sum(cos) AS cos, sum(relerr) AS relerr, sum(l0) AS l0, sum(rate) AS rate,
+            list(n ORDER BY seq) AS l_n, list(n_kl ORDER BY seq) AS l_n_kl, list(sse ORDER BY seq) AS l_sse,
+            list(sst ORDER BY seq) AS l_sst, list(ce_orig ORDER BY seq) AS l_ce_orig,
+            list(ce_patched ORDER BY seq) AS l_ce_patched, list(ce_zero ORDER BY seq) AS l_ce_zero,
+            list(kl ORDER BY seq) AS l_kl, list(kl_zero ORDER BY seq) AS l_kl_zero, list(cos ORDER BY seq) AS l_cos,
+            list(relerr ORDER BY seq) AS l_relerr, list(l0 ORDER BY seq) AS l_l0, list(rate ORDER BY seq) AS l_rate
+        FROM per_seq
+        GROUP BY sae_id
+    ),
+    resampled AS (  -- Σ_i w_i · (sequence i's sums) for every resample
+        SELECT sae_id, b,
+            list_dot_product(w, l_n) AS n, list_dot_product(w, l_n_kl) AS n_kl,
+            list_dot_product(w, l_sse) AS sse, list_dot_product(w, l_sst) AS sst,
+            list_dot_product(w, l_ce_orig) AS ce_orig, list_dot_product(w, l_ce_patched) AS ce_patched,
+            list_dot_product(w, l_ce_zero) AS ce_zero, list_dot_product(w, l_kl) AS kl,
+            list_dot_product(w, l_kl_zero) AS kl_zero, list_dot_product(w, l_cos) AS cos,
+            list_dot_product(w, l_relerr) AS relerr, list_dot_product(w, l_l0) AS l0,
+            list_dot_product(w, l_rate) AS rate
+        FROM per_sae, boot_counts(boot_n, n_boot, seed)
+        WHERE n_seq = boot_n
+    )
+    SELECT sae_id, b, n_seq, n AS n_tokens,
+        1 - sse / sst AS r2,
+        2 - ce_patched / ce_orig AS ce_rec,
+        (ce_zero - ce_patched) / (ce_zero - ce_orig) AS ce_loss_recovered,
+        kl / n_kl AS kl,
+        (kl_zero - kl) / kl_zero AS kl_score,
+        cos / n AS cos,
+        relerr / n AS relerr,
+        sse / n AS sse_per_token,
+        l0 / n AS l0,
+        rate / n AS rate_bits
+    FROM (SELECT -1 AS b, * EXCLUDE (l_n, l_n_kl, l_sse, l_sst, l_ce_orig, l_ce_patched, l_ce_zero, l_kl,
+                                      l_kl_zero, l_cos, l_relerr, l_l0, l_rate) FROM per_sae
+          UNION ALL BY NAME
+          SELECT *, boot_n AS n_seq FROM resampled);
+
+-- boot_n(): the most common number of evaluated sequences per SAE: the SAEs whose CIs are computed.
+CREATE OR REPLACE MACRO boot_n() AS (SELECT mode(n) FROM (SELECT count(DISTINCT seq) AS n FROM tokens GROUP BY sae_id));

@@ -1,0 +1,24 @@
+-- kl_gap: is the SAE's error worse for behaviour than a random error of the same size? Per SAE and baseline.
+-- Reads: tokens, saes.
+-- gap = mean KL under the SAE / mean KL under the baseline (METHODS.md), baselines: eps (isotropic at the
+--   same L2 distance), samecos (random with the SAE's cosine), actdiff (direction of a real activation
+--   difference). Per-token view: p10/p50/p90 of kl_sae/kl_baseline over tokens with kl_baseline > 0, and
+--   the share of tokens where the SAE is worse. A gap above 1: the SAE's errors point where it hurts.
+SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
+SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted
+
+WITH long AS (
+    UNPIVOT (SELECT sae_id, kl_patched, kl_eps, kl_samecos, kl_actdiff FROM tokens
+             WHERE pos BETWEEN getvariable('min_pos') AND getvariable('max_pos') AND kl_patched IS NOT NULL)
+    ON kl_eps AS 'eps', kl_samecos AS 'samecos', kl_actdiff AS 'actdiff'
+    INTO NAME baseline VALUE kl_base
+)
+SELECT s.sae_id, s.model, s.layer, s.hook, s.k, l.baseline,
+    avg(l.kl_patched) AS kl_sae, avg(l.kl_base) AS kl_baseline, avg(l.kl_patched) / avg(l.kl_base) AS gap,
+    quantile_cont(l.kl_patched / l.kl_base, [0.1, 0.5, 0.9]) FILTER (WHERE l.kl_base > 0) AS ratio_p10_p50_p90,
+    avg((l.kl_patched > l.kl_base)::INTEGER) AS share_sae_worse,
+    count(*) AS n_tokens
+FROM long AS l
+JOIN saes AS s USING (sae_id)
+GROUP BY ALL
+ORDER BY s.model, s.layer, s.hook, s.k, l.baseline;

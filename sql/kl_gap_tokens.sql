@@ -1,0 +1,27 @@
+-- kl_gap_tokens: the tokens (ids at the patched position) with the largest mean KL gap, per hook and baseline.
+-- Reads: tokens, saes.
+-- gap = mean kl_sae / mean kl_baseline over that token's occurrences (pooling the hook's SAEs); tokens
+--   seen fewer than min_count times are skipped, so the list is not rare-token noise.
+SET VARIABLE min_count = coalesce(getvariable('min_count'), 20);  -- fewest occurrences counted
+SET VARIABLE top = coalesce(getvariable('top'), 10);              -- rows per hook and baseline
+SET VARIABLE baseline = coalesce(getvariable('baseline'), 'eps'); -- eps, samecos or actdiff
+SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);       -- first position counted
+
+WITH long AS (
+    UNPIVOT (SELECT sae_id, token, kl_patched, kl_eps, kl_samecos, kl_actdiff FROM tokens
+             WHERE pos >= getvariable('min_pos') AND kl_patched IS NOT NULL)
+    ON kl_eps AS 'eps', kl_samecos AS 'samecos', kl_actdiff AS 'actdiff'
+    INTO NAME baseline VALUE kl_base
+),
+per_token AS (
+    SELECT s.model, s.hook, l.baseline, l.token, count(*) AS n,
+        avg(l.kl_patched) AS kl_sae, avg(l.kl_base) AS kl_baseline, avg(l.kl_patched) / avg(l.kl_base) AS gap
+    FROM long AS l
+    JOIN saes AS s USING (sae_id)
+    WHERE l.baseline = getvariable('baseline')
+    GROUP BY ALL
+    HAVING count(*) >= getvariable('min_count')
+)
+SELECT * FROM per_token
+QUALIFY row_number() OVER (PARTITION BY model, hook, baseline ORDER BY gap DESC) <= getvariable('top')
+ORDER BY model, hook, baseline, gap DESC;
