@@ -23,7 +23,9 @@ from torch import Tensor
 from actstore import __version__
 from actstore import records as rec
 from actstore import store as st
+from actstore.darkmatter import load_probe
 from actstore.errors import StoreError, UsageError
+from actstore.geometry import write_layers
 from actstore.model import LoadedModel, capture, hook_layer, load_model
 from actstore.progress import plural_saes, token_bar
 from actstore.saeio import EvalSAE, load_eval_sae
@@ -39,6 +41,7 @@ class EvalOptions:
     max_seqs: int | None = None  # evaluate the first N sequences of the store
     device: str = "cpu"
     compute_dtype: str = "float32"
+    darkmatter: bool = False  # also patch x̂ + LinearError and x̂ + NonlinearError (needs `actstore darkmatter`)
 
 
 class Patcher:
@@ -195,17 +198,26 @@ def evaluate(
             raise UsageError(f"SAE {s.sae_id} has d_in {s.d_in} but {s.hook} in {eval_store} is {d} wide")
     if options.patch_pos is not None and not 0 <= options.patch_pos < group["tokens"].shape[1]:
         raise UsageError(f"--patch-pos {options.patch_pos} is outside the sequence (0…{group['tokens'].shape[1] - 1})")
+    probes = {s.sae_id: _probe(run, s.sae_id) for s in saes} if options.darkmatter else {}
     model_name = group.attrs.get("model", {}).get("name")
     model = loaded or load_model(model_name, options.device, options.compute_dtype)
     n_seq = min(n_store, options.max_seqs or n_store)
     done = []
     for hook in dict.fromkeys(s.hook for s in saes):
         batch_saes = [s.to(options.device) for s in saes if s.hook == hook]
-        frames = _evaluate_hook(group, eval_store, model, hook, batch_saes, n_seq, options, progress)
+        frames = _evaluate_hook(group, eval_store, model, hook, batch_saes, n_seq, options, progress, probes)
         for s in batch_saes:
             rec.write_parts(run, s.sae_id, frames[s.sae_id])
             done.append(s.sae_id)
+    write_layers(eval_store, run, max_seqs=n_seq)  # the geometry of every hook of the eval store
     return done
+
+
+def _probe(run: str, sae_id: str) -> tuple[Tensor, Tensor]:
+    probe = load_probe(run, sae_id)
+    if probe is None:
+        raise UsageError(f"--darkmatter needs a probe for {sae_id}; run `actstore darkmatter {run}` first")
+    return probe
 
 
 def _load_saes(run: str, sae_paths: list[str] | None) -> list[EvalSAE]:
@@ -233,6 +245,7 @@ def _evaluate_hook(
     n_seq: int,
     o: EvalOptions,
     progress: bool,
+    probes: dict[str, tuple[Tensor, Tensor]],
 ) -> dict[str, dict[str, pl.DataFrame]]:
     seq_len = int(group["tokens"].shape[1])
     mu = _store_mean(group, hook, n_seq).to(o.device)
@@ -268,7 +281,12 @@ def _evaluate_hook(
             xh = s.decode(z)
             row = {**base, **activation_metrics(xf, xh, z, mu)}
             gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b)
-            for name, candidate in perturbations(xf.cpu(), xh.cpu(), gen).items():
+            candidates = perturbations(xf.cpu(), xh.cpu(), gen)
+            if s.sae_id in probes:  # Engels et al.: x̂ + LinearError, and x̂ + NonlinearError = x − LinearError
+                w, bias = probes[s.sae_id]
+                linear = xf.cpu() @ w + bias
+                candidates |= {"linear": xh.cpu() + linear, "nonlinear": xf.cpu() - linear}
+            for name, candidate in candidates.items():
                 logq = patcher.logprobs(tokens, _place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos))
                 row[f"ce_{name}"] = next_token_ce(logq, tokens).reshape(-1).numpy()
                 row[f"kl_{name}"] = clean.kl(logq).reshape(-1).numpy()

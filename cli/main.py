@@ -271,6 +271,11 @@ def train(
 @click.option(
     "--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
 )
+@click.option(
+    "--darkmatter",
+    is_flag=True,
+    help="Also patch x̂ + linear error and x̂ + nonlinear error (after `actstore darkmatter RUN`).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_(
     eval_store: str,
@@ -282,6 +287,7 @@ def eval_(
     max_seqs: int | None,
     device: str,
     compute_dtype: str,
+    darkmatter: bool,
     quiet: bool,
 ) -> None:
     """Evaluate the SAEs of RUN (or --sae PATH …) on EVAL_STORE, running the model once: activation-space
@@ -301,6 +307,7 @@ def eval_(
         max_seqs=max_seqs,
         device=resolve_device(device),
         compute_dtype=compute_dtype,
+        darkmatter=darkmatter,
     )
     evaluate(eval_store, run, list(sae_paths) or None, options, progress=not quiet)
     click.echo(format_table(headline(run)))
@@ -362,6 +369,8 @@ def sql_(
       actstore sql RUN --query summary --param min_pos=1
       actstore sql RUN "SELECT sae_id, avg(kl_patched) FROM tokens GROUP BY ALL" --format csv
     """
+    import polars as pl
+
     from actstore import analytics
     from actstore.errors import UsageError
 
@@ -391,8 +400,9 @@ def sql_(
         raise UsageError("--format parquet needs --out FILE")
     if fmt == "table":
         rendered = analytics.format_table(df)
-    elif fmt == "csv":
-        rendered = df.write_csv()
+    elif fmt == "csv":  # CSV has no lists: nested values are written as their text
+        nested = [c for c, t in df.schema.items() if t.is_nested()]
+        rendered = df.with_columns(pl.col(nested).map_elements(str, return_dtype=pl.String)).write_csv()
     elif fmt == "json":
         rendered = df.write_json()
     if out is not None:

@@ -15,7 +15,9 @@ WITH long AS (
 )
 SELECT s.sae_id, s.model, s.layer, s.hook, s.k, l.baseline,
     avg(l.kl_patched) AS kl_sae, avg(l.kl_base) AS kl_baseline, avg(l.kl_patched) / avg(l.kl_base) AS gap,
-    quantile_cont(l.kl_patched / l.kl_base, [0.1, 0.5, 0.9]) FILTER (WHERE l.kl_base > 0) AS ratio_p10_p50_p90,
+    quantile_cont(l.kl_patched / l.kl_base, 0.1) FILTER (WHERE l.kl_base > 0) AS ratio_p10,
+    quantile_cont(l.kl_patched / l.kl_base, 0.5) FILTER (WHERE l.kl_base > 0) AS ratio_p50,
+    quantile_cont(l.kl_patched / l.kl_base, 0.9) FILTER (WHERE l.kl_base > 0) AS ratio_p90,
     avg((l.kl_patched > l.kl_base)::INTEGER) AS share_sae_worse,
     count(*) AS n_tokens
 FROM long AS l

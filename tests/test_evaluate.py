@@ -79,7 +79,7 @@ def test_patching_the_clean_activation_changes_nothing(evaluated):
 def test_r2_from_the_records_matches_numpy_on_the_stored_arrays(evaluated):
     store, run = evaluated
     g = zarr.open_group(store, mode="r")
-    overview = query(run, "eval_overview")
+    overview = query(run, "summary", n_boot=10)
     for row in overview.iter_rows(named=True):
         x = g[f"acts/{row['hook']}"][:].astype(np.float64).reshape(-1, 128)
         xh = g[f"recon/{row['sae_id']}/{row['hook']}"][:].astype(np.float64).reshape(-1, 128)
