@@ -191,3 +191,64 @@ def test_single_position_patch_leaves_earlier_positions_untouched(evaluated, tmp
     before, at_and_after = t.filter(pl.col("pos") < 20), t.filter(pl.col("pos") >= 20)
     assert before["kl_patched"].abs().max() < 1e-6 and before["kl_zero"].abs().max() < 1e-6  # causal
     assert at_and_after["kl_zero"].max() > 1e-3
+
+
+def test_eval_writes_the_participation_ratio_of_every_hook_of_its_store(evaluated):
+    store, run = evaluated
+    layers = read_table(run, "layers")
+    assert sorted(layers["hook"]) == sorted(HOOKS)
+    g = zarr.open_group(store, mode="r")
+    for row in layers.iter_rows(named=True):
+        x = g[f"acts/{row['hook']}"][:].astype(np.float64).reshape(-1, 128)
+        lam = np.sort(np.linalg.eigvalsh(np.cov(x.T, bias=True)))[::-1]
+        assert row["pr"] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-6)
+        assert row["pr_deflated"] == pytest.approx(lam[1:].sum() ** 2 / (lam[1:] ** 2).sum(), rel=1e-6)
+        assert row["variance"] == pytest.approx(lam.sum(), rel=1e-6)
+
+
+def test_darkmatter_fits_probes_and_eval_patches_with_them(evaluated, tmp_path):
+    from actstore.darkmatter import darkmatter, probe_path
+
+    store, run0 = evaluated
+    run = str(tmp_path / "run")
+    shutil.copytree(run0, run)
+    with pytest.raises(UsageError, match="actstore darkmatter"):
+        evaluate(store, run, options=EvalOptions(batch_size=8, max_seqs=4, darkmatter=True))
+    table = darkmatter(run)
+    assert table.height == 2 and table["vector_r2"].is_between(-1, 1).all()
+    # a zero probe makes "x̂ + LinearError" exactly x̂, and "x̂ + NonlinearError" the stored x
+    for sae_id in table["sae_id"]:
+        w = load_eval_sae(str(__import__("pathlib").Path(run) / "saes" / sae_id)).d_in
+        save_file({"W": torch.zeros(w, w), "b": torch.zeros(w)}, str(probe_path(run, sae_id)))
+    evaluate(store, run, options=EvalOptions(batch_size=8, max_seqs=4, darkmatter=True))
+    t = read_table(run, "tokens").drop_nulls("ce_orig")
+    assert (t["ce_linear"] == t["ce_patched"]).all() and (t["kl_linear"] == t["kl_patched"]).all()
+    np.testing.assert_allclose(t["ce_nonlinear"], t["ce_orig"], atol=5e-3)  # x as stored in float16
+    assert query(run, "darkmatter_patch").height == 2
+
+
+def test_linear_probe_agrees_with_numpy_lstsq_and_splits_the_fvu():
+    from actstore.darkmatter import analyse
+
+    rng = np.random.default_rng(0)
+    n, d = 2000, 12
+    x = rng.standard_normal((n, d)) * rng.uniform(0.5, 2, d)
+    a = rng.standard_normal((d, d)) * 0.1
+    e = x @ a + 0.3 + 0.2 * np.tanh(x) ** 2 + 0.05 * rng.standard_normal((n, d))
+    fit = np.arange(n) % 2 == 0
+    row, w = analyse(x.astype(np.float32), (x - e).astype(np.float32), fit)
+    ref = np.linalg.lstsq(np.c_[x[fit], np.ones(fit.sum())], e[fit], rcond=None)[0]
+    np.testing.assert_allclose(w, ref, rtol=1e-3, atol=1e-4)
+    lin = np.c_[x[~fit], np.ones((~fit).sum())] @ ref
+    res = e[~fit] - lin
+    r2_dims = 1 - (res**2).sum(0) / ((e[~fit] - e[~fit].mean(0)) ** 2).sum(0)
+    sst = ((x[~fit] - x[~fit].mean(0)) ** 2).sum()
+    assert row["vector_r2"] == pytest.approx(r2_dims.mean(), rel=1e-3)
+    assert row["fvu_nonlinear"] == pytest.approx((res**2).sum() / sst, rel=1e-3)
+    assert row["fvu_linear"] + row["fvu_nonlinear"] == pytest.approx(row["fvu"], rel=0.05)
+    # ‖x‖² is quadratic in x: a linear probe explains part of it, never all
+    y = (x**2).sum(1)
+    cy = np.linalg.lstsq(np.c_[x[fit], np.ones(fit.sum())], y[fit], rcond=None)[0]
+    pred = np.c_[x[~fit], np.ones((~fit).sum())] @ cy
+    want = 1 - ((y[~fit] - pred) ** 2).sum() / ((y[~fit] - y[~fit].mean()) ** 2).sum()
+    assert row["norm_r2_x"] == pytest.approx(want, rel=1e-3, abs=1e-4)
