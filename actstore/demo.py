@@ -3,8 +3,10 @@
 Harvests a train store and a disjoint eval store (document-level split) at an early, a mid and a late
 residual stream of the tiny model, prints `actstore info` for both, then trains a TopK sweep
 (k ∈ {8, 16, 32, 64}, 8× expansion, 1M tokens) on every hook — one data pass per hook — and prints each
-SAE's final FVU and dead fraction; then evaluates every SAE on the eval store and prints R², CE_rec, CE
-loss recovered, KL and the KL gap to ε-random from a DuckDB query over the records.
+SAE's final FVU and dead fraction; then evaluates every SAE on the eval store, fits the dark-matter
+probes, evaluates again with their patches, and prints from DuckDB queries over the records: the summary
+with bootstrap CIs, the KL gap to ε-random, cross-SAE error predictability, dark matter and the
+participation ratio; finally writes the report and a bundle and prints their paths.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from actstore.analytics import format_table, query
+import polars as pl
+
+from actstore.analytics import format_table, headline, query
+from actstore.bundle import create
+from actstore.darkmatter import darkmatter
 from actstore.evaluate import EvalOptions, evaluate
 from actstore.harvest import HarvestOptions, harvest
 from actstore.info import format_info, store_info
+from actstore.report import report
 from actstore.train import TrainOptions, summary, sweep, train
 
 DEMO_HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "blocks.5.hook_resid_post")
@@ -54,9 +61,64 @@ def demo(
     ):
         print(f"{row['sae_id']:<48} {row['fvu']:>7.4f} {row['dead_frac']:>6.3f}")
 
-    if progress:
-        print(f"\n== eval: every SAE on the first {EVAL_SEQS} sequences of the eval store", file=sys.stderr)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say(f"\n== eval: every SAE on the first {EVAL_SEQS} sequences of the eval store")
     evaluate(stores["eval"], run, options=EvalOptions(max_seqs=EVAL_SEQS), progress=progress)
-    print(f"\n== per-SAE numbers from DuckDB over {run}/records (sql/eval_overview.sql)")
-    print(format_table(query(run, "eval_overview").drop("hook")))
-    return {**stores, "run": run}
+    say("\n== dark matter: linear error probes from the eval store's activations and reconstructions")
+    darkmatter(run, progress=False)
+    say("\n== eval again, now also patching x̂ + linear error and x̂ + nonlinear error")
+    evaluate(stores["eval"], run, options=EvalOptions(max_seqs=EVAL_SEQS, darkmatter=True), progress=progress)
+
+    print(f"\n== summary (sql/summary.sql over {run}/records): 95% CIs from 5,000 resamples of sequences")
+    print(format_table(headline(run)))
+    print("\n== KL gap to the eps-random baseline (sql/kl_gap.sql, baseline = eps)")
+    gap = query(run, "kl_gap").filter(pl.col("baseline") == "eps")
+    print(format_table(gap.select("hook", "k", "kl_sae", "kl_baseline", "gap", "ratio_p50", "share_sae_worse")))
+    print("\n== cross-SAE predictability of the per-token error norm: held-out R² (sql/cross_sae_predictability.sql)")
+    print(format_table(_pair_matrix(query(run, "cross_sae_predictability"))))
+    print("\n== dark matter (sql/darkmatter.sql) and the CE gap each part closes (sql/darkmatter_patch.sql)")
+    dm = query(run, "darkmatter").join(
+        query(run, "darkmatter_patch").select("sae_id", "closed_linear", "closed_nonlinear"), on="sae_id"
+    )
+    print(
+        format_table(
+            dm.select(
+                "hook",
+                "k",
+                "vector_r2",
+                "fvu",
+                "fvu_linear",
+                "fvu_nonlinear",
+                "norm_r2_err",
+                "closed_linear",
+                "closed_nonlinear",
+            )
+        )
+    )
+    print("\n== participation ratio of each hook (sql/layers.sql)")
+    print(format_table(query(run, "layers").select("hook", "d_model", "pr", "pr_deflated", "top_share")))
+
+    say("\n== report and bundle")
+    paths = report(run, progress=progress)
+    bundle = str(root / "bundle")
+    create(run, bundle, overwrite=True)
+    print("\n== outputs")
+    outputs = {**stores, "run": run, "report": str(paths), "bundle": bundle}
+    for name, path in outputs.items():
+        print(f"{name:<8} {path}")
+    print(f"\nnext: actstore sql {run} --list   ·   actstore bundle verify {bundle}")
+    return outputs
+
+
+def _pair_matrix(pairs: pl.DataFrame) -> pl.DataFrame:
+    """The pairs table as a matrix: row = the predicting SAE, column = the predicted one, "L<layer> k<k>"."""
+
+    def label(hook: pl.Expr, k: pl.Expr) -> pl.Expr:
+        return pl.concat_str(pl.lit("L"), hook.str.extract(r"blocks\.(\d+)\."), pl.lit(" k"), k.cast(pl.String))
+
+    named = pairs.with_columns(
+        label(pl.col("hook_i"), pl.col("k_i")).alias("from"), label(pl.col("hook_j"), pl.col("k_j")).alias("to")
+    )
+    order = named.unique("from", maintain_order=True)["from"].to_list()
+    matrix = named.pivot(on="to", index="from", values="heldout_r2", sort_columns=False)
+    return matrix.select("from", *[c for c in order if c in matrix.columns])

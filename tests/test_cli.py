@@ -174,3 +174,28 @@ def test_every_step_is_also_a_python_function_of_the_package():
 
     for name in ("harvest", "store_info", "train", "sweep", "evaluate", "query", "demo"):
         assert callable(getattr(actstore, name))
+
+
+def test_readme_cli_reference_names_every_command_and_option():
+    """The README's CLI reference is kept in sync with the commands' --help."""
+    from pathlib import Path
+
+    import click
+
+    from actstore.cli.main import main
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
+
+    def walk(cmd: click.Command, path: str):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, f"{path} {name}")
+        else:
+            yield path, cmd
+
+    for path, cmd in walk(main, "actstore"):
+        assert path in section, f"{path} is missing from the README's CLI reference"
+        for param in cmd.params:
+            for opt in [o for o in param.opts + param.secondary_opts if o.startswith("--") and o != "--help"]:
+                assert opt in section, f"{path} {opt} is missing from the README's CLI reference"
