@@ -50,6 +50,7 @@ def connect(run_or_bundle: str):
 
     root = resolve(run_or_bundle)
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")  # DuckDB draws one on stdout for queries over ~2 s
     for table in rec.TABLES:
         parts = rec.part_files(root, table)
         if parts:

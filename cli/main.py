@@ -427,8 +427,10 @@ def demo(out: str, quiet: bool) -> None:
 
 
 from actstore.cli.bundle import bundle  # noqa: E402
+from actstore.cli.report import report  # noqa: E402
 
 main.add_command(bundle)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

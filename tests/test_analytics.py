@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from actstore.cli.main import main
 from click.testing import CliRunner
 from scipy import stats
 
 from actstore import records as rec
 from actstore.analytics import named_queries, query, sql
+from actstore.cli.main import main
 from actstore.errors import UsageError
 
 N_SEQ, SEQ_LEN = 24, 8
@@ -112,7 +112,14 @@ def _frame(run, sae_id):
 
 
 def _per_seq(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
-    return df.group_by("seq").agg(pl.col(cols).cast(pl.Float64).sum()).sort("seq").select(cols).to_numpy().astype(np.float64)
+    return (
+        df.group_by("seq")
+        .agg(pl.col(cols).cast(pl.Float64).sum())
+        .sort("seq")
+        .select(cols)
+        .to_numpy()
+        .astype(np.float64)
+    )
 
 
 def test_summary_point_estimates_match_numpy_with_a_position_filter(sweep_run):

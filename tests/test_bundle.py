@@ -16,11 +16,11 @@ import numpy as np
 import polars as pl
 import pytest
 import zarr
-from actstore.cli.bundle import bundle as bundle_cli
 from click.testing import CliRunner
 
 from actstore import bundle
 from actstore import records as rec
+from actstore.cli.bundle import bundle as bundle_cli
 from actstore.errors import StoreError, UsageError
 
 SAE_IDS = ("blocks.1.hook_resid_post__k4_x2_s0", "blocks.3.hook_resid_post__k8_x2_s0")
