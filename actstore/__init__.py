@@ -8,12 +8,16 @@ __version__ = "0.1.0"
 
 # Imported eagerly on purpose: `actstore.harvest`, `actstore.train` … must be the functions, and a
 # lazily resolved name would be shadowed by its submodule as soon as anything imports the submodule.
-from actstore.analytics import query  # noqa: E402
+from actstore import bundle  # noqa: E402  (a module: bundle.create, bundle.verify)
+from actstore.analytics import query, sql  # noqa: E402
+from actstore.darkmatter import darkmatter  # noqa: E402
 from actstore.demo import demo  # noqa: E402
 from actstore.errors import ActstoreError, StoreError, UsageError  # noqa: E402
 from actstore.evaluate import EvalOptions, evaluate  # noqa: E402
+from actstore.geometry import write_layers as layers  # noqa: E402
 from actstore.harvest import HarvestOptions, harvest  # noqa: E402
 from actstore.info import store_info  # noqa: E402
+from actstore.report import report  # noqa: E402
 from actstore.train import SAESpec, TrainOptions, sweep, train  # noqa: E402
 
 __all__ = [
@@ -25,10 +29,15 @@ __all__ = [
     "TrainOptions",
     "UsageError",
     "__version__",
+    "bundle",
+    "darkmatter",
     "demo",
     "evaluate",
     "harvest",
+    "layers",
     "query",
+    "report",
+    "sql",
     "store_info",
     "sweep",
     "train",

@@ -27,7 +27,7 @@ def tree_digest(path: str) -> str:
 def test_help_lists_every_command_with_a_description():
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("harvest", "info", "demo"):
+    for command in ("harvest", "info", "train", "eval", "darkmatter", "layers", "sql", "report", "bundle", "demo"):
         assert command in out.stdout
     assert "--corpus" in run_cli("harvest", "--help").stdout
 
@@ -172,8 +172,11 @@ def test_a_store_killed_while_being_created_is_resumed_not_bricked(tmp_path):
 def test_every_step_is_also_a_python_function_of_the_package():
     import actstore
 
-    for name in ("harvest", "store_info", "train", "sweep", "evaluate", "query", "demo"):
-        assert callable(getattr(actstore, name))
+    for name in ("harvest", "store_info", "train", "sweep", "evaluate", "darkmatter", "layers", "query", "sql"):
+        assert callable(getattr(actstore, name)), name
+    for name in ("report", "demo"):
+        assert callable(getattr(actstore, name)), name
+    assert callable(actstore.bundle.create) and callable(actstore.bundle.verify)
 
 
 def test_readme_cli_reference_names_every_command_and_option():
