@@ -20,6 +20,11 @@ import polars as pl
 from actstore import records as rec
 from actstore.errors import UsageError
 
+# Tables a named query may reference without needing rows: absent ones become empty views of this shape.
+_EMPTY = {
+    "latents": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS latent, NULL::BIGINT AS fires, NULL::DOUBLE AS firing_rate",
+    "codes": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS seq, NULL::SMALLINT AS pos, NULL::INTEGER AS latent",
+}
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.+)\);\s*(?:--\s*(.*))?$", re.M)
 
 
@@ -56,6 +61,8 @@ def connect(run_or_bundle: str):
         if parts:
             listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true)")
+        elif table in _EMPTY:  # queries may read it in a branch that a parameter switches off
+            con.execute(f"CREATE VIEW {table} AS SELECT {_EMPTY[table]} WHERE false")
     con.execute((files("actstore.sql") / "_macros.sql").read_text())
     return con
 

@@ -5,7 +5,8 @@
 Synthetic records (seeded numpy, every column eval writes, so file sizes are realistic): 36 SAEs × 200
 sequences × 256 positions (the seed's scale, 1×) and 100× that (184M token rows), generated once under DIR
 and reused. Codes (k rows per token; billions at 100×) cover only the first 200 sequences at every scale,
-so at 100× `alive` reads a 1% sample; the alive sub-query's own time is shown. Each measured in a child
+so at 100× they are a 1% sample; `alive` over all positions reads the latents table (firing counts eval
+writes), as the summary does; the alive sub-query's own time is shown. Each measured in a child
 process (peak RSS: its ru_maxrss): (a) SQL: `actstore.analytics.query(run, "summary")` end to end, 5,000
 resamples; (b) numpy: the same statistics and `alive` from the Parquet files (pyarrow read, per-sequence
 sums, resample counts drawn in blocks, one matmul per block, percentiles): its point estimates must equal
@@ -138,10 +139,10 @@ def numpy_summary(run: Path, n_boot: int = N_BOOT, seed: int = 0, alive: bool = 
     for a in (est, lo, hi):
         a[:, STATS.index("mse")] /= [d[i][0] for i in ids]
     out = {s + x: a[:, j] for j, s in enumerate(STATS) for x, a in (("", est), ("_lo", lo), ("_hi", hi))}
-    if alive:  # latents seen in codes / d_sae
-        codes = {p.parent.name.split("=", 1)[1]: p for p in rec.part_files(run, "codes")}
-        latents = (pq.read_table(codes[i], columns=["latent"])["latent"].to_numpy() for i in ids)  # one at a time
-        out["alive"] = [np.count_nonzero(np.bincount(lat)) / d[i][1] for i, lat in zip(ids, latents, strict=True)]
+    if alive:  # latents that fired / d_sae, from the latents table (what the summary reads over all positions)
+        files = {p.parent.name.split("=", 1)[1]: p for p in rec.part_files(run, "latents")}
+        fires = (pq.read_table(files[i], columns=["fires"])["fires"].to_numpy() for i in ids)
+        out["alive"] = [np.count_nonzero(f) / d[i][1] for i, f in zip(ids, fires, strict=True)]
     return pl.DataFrame({"sae_id": ids} | out)
 
 
@@ -171,8 +172,8 @@ def child(kind: str, run: str, repeats: int, out: str) -> None:
         t0 = time.perf_counter()
         if kind == "sql":
             df = an.query(run, "summary", n_boot=N_BOOT, seed=0)
-        elif kind == "sql_alive":  # the summary's `alive` CTE alone
-            df = an.sql(run, "SELECT sae_id, count(DISTINCT latent) AS n FROM codes GROUP BY sae_id")
+        elif kind == "sql_alive":  # the summary's `alive` CTE alone (all positions: the latents table)
+            df = an.sql(run, "SELECT sae_id, count(*) FILTER (WHERE fires > 0) AS n FROM latents GROUP BY sae_id")
         else:
             df = numpy_summary(Path(run), alive=kind == "numpy")
         times.append(time.perf_counter() - t0)

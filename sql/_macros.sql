@@ -4,10 +4,12 @@
 -- boot_counts(n, n_boot, seed): the bootstrap's resamples of n sequences, one row per resample b with
 -- w[i] = how often sequence slot i (0-based, ordered by seq) was drawn; Σ w = n. Drawn with replacement
 -- by a seeded hash, so the same query gives the same table (METHODS.md: 5,000 resamples of sequences).
+-- The hash is hashed again: DuckDB's multi-argument hash has structured low bits (for b = 0 and 1 its
+-- parity is complementary across j), so `hash(seed, b, j) % n` alone is not a uniform draw for even n.
 -- A ratio statistic of a resample is then list_dot_product(w, per-sequence sums) over another such.
 CREATE OR REPLACE MACRO boot_counts(n, n_boot, seed) AS TABLE
     WITH draws AS (
-        SELECT b::INTEGER AS b, (hash(seed, b, j) % n)::INTEGER AS i, count(*)::DOUBLE AS c
+        SELECT b::INTEGER AS b, (hash(hash(seed, b, j)) % n)::INTEGER AS i, count(*)::DOUBLE AS c
         FROM range(n_boot) AS rb(b), range(n) AS rj(j)
         GROUP BY ALL
     )
@@ -55,7 +57,7 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
             list_dot_product(w, l_kl_zero) AS kl_zero, list_dot_product(w, l_cos) AS cos,
             list_dot_product(w, l_relerr) AS relerr, list_dot_product(w, l_l0) AS l0,
             list_dot_product(w, l_rate) AS rate
-        FROM per_sae, boot_counts(boot_n, n_boot, seed)
+        FROM boot_counts(boot_n, n_boot, seed), per_sae  -- resamples on the streamed side: parallel
         WHERE n_seq = boot_n
     )
     SELECT sae_id, b, n_seq, n AS n_tokens,

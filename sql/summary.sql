@@ -1,5 +1,5 @@
 -- summary: per SAE, the headline numbers of METHODS.md with bootstrap 95% CIs over sequences.
--- Reads: tokens, saes, codes.
+-- Reads: tokens, saes, latents (all positions) or codes (a position range).
 -- Columns: r2, ce_rec (the seeds' 2 − L_sae/L_orig), ce_loss_recovered (SAELens's), kl (mean KL(P‖Q_sae)),
 --   kl_score ((KL_zero − KL_sae)/KL_zero), cos, relerr, mse (mean ‖e‖²/d), l0, rate_bits (rate proxy
 --   per token), each with _lo/_hi: the 2.5/97.5 percentiles of n_boot resamples of sequences, every ratio
@@ -13,7 +13,7 @@ SET VARIABLE n_boot = coalesce(getvariable('n_boot'), 5000);       -- bootstrap 
 SET VARIABLE seed = coalesce(getvariable('seed'), 0);              -- seed of the resampling
 SET VARIABLE boot_n = boot_n();
 
-WITH stats AS (
+WITH stats AS MATERIALIZED (
     FROM sae_stats(getvariable('min_pos'), getvariable('max_pos'), getvariable('n_boot'), getvariable('seed'),
                    getvariable('boot_n'))
 ),
@@ -23,9 +23,14 @@ intervals AS (
         ci(l0) AS l0, ci(rate_bits) AS rate_bits
     FROM stats WHERE b >= 0 GROUP BY sae_id
 ),
-alive AS (
+alive AS (  -- over every position: the latents table's firing counts; else the codes at those positions
+    SELECT sae_id, count(*) FILTER (WHERE fires > 0) AS n_alive
+    FROM latents WHERE getvariable('min_pos') = 0 AND getvariable('max_pos') >= 32767
+    GROUP BY sae_id
+    UNION ALL
     SELECT sae_id, count(DISTINCT latent) AS n_alive
     FROM codes WHERE pos BETWEEN getvariable('min_pos') AND getvariable('max_pos')
+        AND NOT (getvariable('min_pos') = 0 AND getvariable('max_pos') >= 32767)
     GROUP BY sae_id
 )
 SELECT

@@ -323,3 +323,15 @@ def test_a_bundle_answers_like_its_run(sweep_run, tmp_path):
     for name in ("b", "b.tar", "b.zip"):
         out = create(sweep_run, str(tmp_path / name))
         assert query(str(out), "summary", n_boot=50).equals(query(sweep_run, "summary", n_boot=50))
+
+
+def test_bootstrap_draws_are_uniform_multinomial_resamples(sweep_run):
+    """Σ w = n per resample, and the draws of structured slot sets (odd slots) vary as a multinomial's."""
+    from actstore.analytics import connect
+
+    w = np.array(connect(sweep_run).sql("SELECT w FROM boot_counts(200, 5000, 0) ORDER BY b").fetchnumpy()["w"].tolist())
+    assert w.shape == (5000, 200) and (w.sum(1) == 200).all()
+    for slots in (np.arange(1, 200, 2), np.arange(0, 200, 4), np.arange(100)):
+        p = len(slots) / 200
+        assert w[:, slots].sum(1).var() == pytest.approx(200 * p * (1 - p), rel=0.15)
+    assert w.mean(0) == pytest.approx(np.ones(200), abs=0.1)
