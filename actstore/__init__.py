@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # Imported eagerly on purpose: `actstore.harvest`, `actstore.train` … must be the functions, and a
 # lazily resolved name would be shadowed by its submodule as soon as anything imports the submodule.
 from actstore import bundle  # noqa: E402  (a module: bundle.create, bundle.verify)
-from actstore.analytics import query, sql  # noqa: E402
+from actstore.analytics import query  # noqa: E402  (ad-hoc SQL: actstore.analytics.sql; actstore.sql holds the files)
 from actstore.darkmatter import darkmatter  # noqa: E402
 from actstore.demo import demo  # noqa: E402
 from actstore.errors import ActstoreError, StoreError, UsageError  # noqa: E402
@@ -37,7 +37,6 @@ __all__ = [
     "layers",
     "query",
     "report",
-    "sql",
     "store_info",
     "sweep",
     "train",

@@ -329,7 +329,9 @@ def test_bootstrap_draws_are_uniform_multinomial_resamples(sweep_run):
     """Σ w = n per resample, and the draws of structured slot sets (odd slots) vary as a multinomial's."""
     from actstore.analytics import connect
 
-    w = np.array(connect(sweep_run).sql("SELECT w FROM boot_counts(200, 5000, 0) ORDER BY b").fetchnumpy()["w"].tolist())
+    w = np.array(
+        connect(sweep_run).sql("SELECT w FROM boot_counts(200, 5000, 0) ORDER BY b").fetchnumpy()["w"].tolist()
+    )
     assert w.shape == (5000, 200) and (w.sum(1) == 200).all()
     for slots in (np.arange(1, 200, 2), np.arange(0, 200, 4), np.arange(100)):
         p = len(slots) / 200

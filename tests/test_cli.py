@@ -172,7 +172,7 @@ def test_a_store_killed_while_being_created_is_resumed_not_bricked(tmp_path):
 def test_every_step_is_also_a_python_function_of_the_package():
     import actstore
 
-    for name in ("harvest", "store_info", "train", "sweep", "evaluate", "darkmatter", "layers", "query", "sql"):
+    for name in ("harvest", "store_info", "train", "sweep", "evaluate", "darkmatter", "layers", "query"):
         assert callable(getattr(actstore, name)), name
     for name in ("report", "demo"):
         assert callable(getattr(actstore, name)), name
