@@ -99,11 +99,11 @@ def demo(
     print(format_table(query(run, "layers").select("hook", "d_model", "pr", "pr_deflated", "top_share")))
 
     say("\n== report and bundle")
-    paths = report(run, progress=progress)
+    report(run, progress=progress)
     bundle = str(root / "bundle")
     create(run, bundle, overwrite=True)
     print("\n== outputs")
-    outputs = {**stores, "run": run, "report": str(paths), "bundle": bundle}
+    outputs = {**stores, "run": run, "report": str(Path(run) / "report" / "report.html"), "bundle": bundle}
     for name, path in outputs.items():
         print(f"{name:<8} {path}")
     print(f"\nnext: actstore sql {run} --list   ·   actstore bundle verify {bundle}")
