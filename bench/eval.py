@@ -6,7 +6,7 @@ One SAE at a mid-depth hook, on the same batches, in one process, for float32 an
   (a) naive: one full forward per patch type (x̂, zero, ε-random, same-cosine, activation-difference)
       plus the clean one, each patch through a hook;
   (b) bare: the passes eval needs — one prefix up to the hook, then the layers above it once for the
-      clean activation and once per patch (`start_at_layer`), nothing else;
+      clean activation and once per patch, up to the logits; nothing else (no log-softmax, CE, KL);
   (c) `actstore.evaluate` end to end (metrics, records, reconstructions written).
 Goal: (c) ≥ 1.5× faster than (a) and within 1.15× of (b). Also the records' bytes per token per SAE.
 The last line is one JSON object of the headline figures.
@@ -83,11 +83,11 @@ def main() -> None:
                         torch.log_softmax(logits.float(), -1)
 
             @torch.inference_mode()
-            def bare():
+            def bare():  # the passes alone: no log-softmax, no CE/KL, no SAE, no records
                 for tokens in batches:
                     x = capture(model, tokens, [args.hook])[args.hook]
                     for _ in range(N_PATCHES + 1):
-                        patcher.logprobs(tokens, x)
+                        patcher.logits(tokens, x)
 
             def ours():
                 evaluate(
