@@ -126,8 +126,13 @@ class CleanDistribution:
     ROWS = 16
 
     def __init__(self, logits: Tensor, tokens: Tensor):
-        self.logp = torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
-        self.p = self.logp.exp()
+        logits = logits.reshape(-1, logits.shape[-1])
+        self.logp = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        self.p = torch.empty_like(self.logp)
+        for start in range(0, len(logits), self.ROWS):  # blocked, like `score`
+            rows = slice(start, start + self.ROWS)
+            self.logp[rows] = torch.log_softmax(logits[rows].float(), dim=-1)
+            self.p[rows] = self.logp[rows].exp()
         nxt = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1).reshape(-1).long()
         self.has_next = nxt >= 0
         self.target = nxt.clamp_min(0)[:, None]
