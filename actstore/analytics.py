@@ -19,9 +19,15 @@ import polars as pl
 
 from actstore import records as rec
 from actstore.errors import UsageError
+from actstore.units import parse_count
 
 # Tables a named query may reference without needing rows: absent ones become empty views of this shape.
 _EMPTY = {
+    "tokens": ", ".join(
+        ["NULL::VARCHAR AS sae_id", "NULL::VARCHAR AS store", "NULL::INTEGER AS seq", "NULL::SMALLINT AS pos"]
+        + [f"NULL::FLOAT AS {c}" for c in ("sse", "sst", "cos", "relerr", "l0", "rate_bits", "err_norm")]
+        + [f"NULL::FLOAT AS {p}_{c}" for p in ("ce", "kl") for c in ("orig", "patched", "zero")]
+    ),
     "latents": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS latent, NULL::BIGINT AS fires, NULL::DOUBLE AS firing_rate",
     "codes": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS seq, NULL::SMALLINT AS pos, NULL::INTEGER AS latent",
 }
@@ -60,7 +66,10 @@ def connect(run_or_bundle: str):
         parts = rec.part_files(root, table)
         if parts:
             listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true)")
+            con.execute(
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
+                "union_by_name = true)"  # SAEs evaluated with --darkmatter have four more columns
+            )
         elif table in _EMPTY:  # queries may read it in a branch that a parameter switches off
             con.execute(f"CREATE VIEW {table} AS SELECT {_EMPTY[table]} WHERE false")
     con.execute((files("actstore.sql") / "_macros.sql").read_text())
@@ -96,16 +105,27 @@ def query_text(name: str) -> str:
 
 
 def sql_literal(value: Any) -> str:
-    """A Python value (or a CLI string) as a DuckDB literal: numbers stay numbers, the rest are strings."""
+    """A Python value (or a CLI string) as a DuckDB literal.
+
+    Numbers stay numbers (a whole float becomes an integer, so `1e6` matches a budget of 1000000), token
+    counts are read as counts (`500k`, `2M`), lists become comma-separated text; the rest is a string.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
     if isinstance(value, (list, tuple)):
         return "'" + ",".join(str(v) for v in value) + "'"
-    text = str(value)
-    if re.fullmatch(r"-?\d+", text) or re.fullmatch(r"-?(\d+\.\d*|\.\d+|\d+)(e-?\d+)?", text, re.I):
-        return text
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+(\.\d+)?[kKmMbB]", text):
+        return str(parse_count(text))
+    try:
+        return sql_literal(float(text)) if re.fullmatch(r"[-+.\deE]+", text) else _quoted(text)
+    except ValueError:
+        return _quoted(text)
+
+
+def _quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -122,11 +142,23 @@ def run_sql(con, text: str, params: dict[str, Any] | None = None) -> pl.DataFram
         raise UsageError("the SQL text is empty; give a SELECT or --query NAME")
     try:
         for statement in statements[:-1]:
-            con.execute(statement.query)
+            con.execute(statement.query).fetchall()  # a check may be a SELECT: finish it
         return con.sql(statements[-1].query).pl()
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
-        raise UsageError(f"SQL failed: {first} (views: {', '.join(_views(con))})") from None
+        hint = next((h for needle, h in _HINTS.items() if needle in first), f"views: {', '.join(_views(con))}")
+        raise UsageError(f"SQL failed: {first} ({hint})") from None
+
+
+# What to run when a query needs records the run lacks (matched against DuckDB's error message).
+_HINTS = {
+    "ce_linear": "patch the dark-matter probes first: `actstore eval EVAL_STORE --run RUN --darkmatter`",
+    "ce_nonlinear": "patch the dark-matter probes first: `actstore eval EVAL_STORE --run RUN --darkmatter`",
+    "name darkmatter": "fit the probes first: `actstore darkmatter RUN`",
+    "name layers": "write the table first: `actstore layers STORE --run RUN` (eval also does it)",
+    "name curves": "training curves come from `actstore train`",
+    "name saes": "evaluate some SAEs first: `actstore eval EVAL_STORE --run RUN`",
+}
 
 
 def _views(con) -> list[str]:
@@ -206,7 +238,10 @@ def open_shell(run_or_bundle: str) -> None:
         parts = rec.part_files(root, table)
         if parts:
             listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
-            lines.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true);")
+            lines.append(
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
+                "union_by_name = true);"
+            )
     lines.append((files("actstore.sql") / "_macros.sql").read_text())
     init = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
     init.write("\n".join(lines))

@@ -9,6 +9,7 @@ top eigen-direction first, since one outlier direction (common in residual strea
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,9 @@ def layer_rows(store: str, max_seqs: int | None = None) -> pl.DataFrame:
 
 def write_layers(store: str, run: str, max_seqs: int | None = None) -> pl.DataFrame:
     """Compute `layer_rows` and write them under RUN/records/layers, one partition per store."""
+    if "://" not in store:  # one partition per store, however its path is spelled
+        store = str(Path(store).resolve())
     rows = layer_rows(store, max_seqs)
-    key = hashlib.sha256(str(store).encode()).hexdigest()[:12]
+    key = hashlib.sha256(store.encode()).hexdigest()[:12]
     rec.write_parts(run, key, {"layers": rows}, partition="store_key")
     return rows

@@ -323,7 +323,10 @@ def darkmatter(run: str, max_seqs: int | None, quiet: bool) -> None:
     Writes the `darkmatter` table and RUN/darkmatter/<sae_id>/probe.safetensors (for `eval --darkmatter`)."""
     from actstore.analytics import format_table, query
     from actstore.darkmatter import darkmatter as fit
+    from actstore.errors import UsageError
 
+    if max_seqs is not None and max_seqs < 2:
+        raise UsageError("--max-seqs must be at least 2 (even sequences fit the probes, odd ones score them)")
     fit(run, max_seqs=max_seqs, progress=not quiet)
     click.echo(format_table(query(run, "darkmatter").drop("sae_id")))
 
@@ -336,8 +339,11 @@ def layers(store: str, run: str, max_seqs: int | None) -> None:
     """PR = (Σλ)²/Σλ² of the activations' covariance eigenvalues, raw and without the top direction, per hook.
     `actstore eval` does this for its eval store; this command covers stores without SAEs (all layers)."""
     from actstore.analytics import format_table
+    from actstore.errors import UsageError
     from actstore.geometry import write_layers
 
+    if max_seqs is not None and max_seqs < 1:
+        raise UsageError("--max-seqs must be at least 1")
     click.echo(format_table(write_layers(store, run, max_seqs).drop("store")))
 
 

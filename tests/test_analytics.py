@@ -337,3 +337,34 @@ def test_bootstrap_draws_are_uniform_multinomial_resamples(sweep_run):
         p = len(slots) / 200
         assert w[:, slots].sum(1).var() == pytest.approx(200 * p * (1 - p), rel=0.15)
     assert w.mean(0) == pytest.approx(np.ones(200), abs=0.1)
+
+
+def test_budgets_order_as_numbers_and_counts_parse_in_params(tmp_path):
+    run = str(tmp_path / "run")
+    rng = np.random.default_rng(4)
+    for tokens, quality in ((500_000, 0.80), (1_000_000, 0.85), (2_000_000, 0.90)):
+        _write_sae(run, f"b{tokens}", HOOKS[0], 8, 0, _tokens(rng, quality), tokens=tokens, rng=rng)
+    out = query(run, "delta", compare="train_tokens", n_boot=20).row(0, named=True)
+    assert (out["a"], out["b"]) == ("500000", "2000000") and out["d_r2"] > 0  # not text order ("1000000" < "500000")
+    picked = query(run, "delta", compare="train_tokens", a="1M", b="2M", n_boot=20).row(0, named=True)
+    assert (picked["a"], picked["b"]) == ("1000000", "2000000")
+    assert query(run, "budget_sweep", ref_tokens="1M")["train_tokens"].to_list() == [500_000, 2_000_000]
+    with pytest.raises(UsageError, match="compare must be model or train_tokens"):
+        query(run, "delta", compare="tokens")
+
+
+def test_records_with_extra_columns_and_runs_without_tokens_still_answer(sweep_run, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(sweep_run, run)
+    sae = f"{HOOKS[0]}__k8_s0"
+    t = _frame(run, sae).drop("sae_id").with_columns(ce_linear=pl.col("ce_patched"), kl_linear=pl.col("kl_patched"))
+    rec.write_parts(run, sae, {"tokens": t})  # only this SAE was evaluated with --darkmatter
+    assert sql(run, "SELECT count(ce_linear) AS n FROM tokens")["n"][0] == t["ce_linear"].count()
+    assert query(run, "summary", n_boot=10).height == rec.read_table(run, "saes").height
+    curves_only = tmp_path / "curves_only"
+    rec.write_parts(curves_only, "x", {"curves": pl.DataFrame({"step": [1, 2], "mse": [0.5, 0.4]})})
+    assert sql(str(curves_only), "SELECT count(*) AS n FROM curves")["n"][0] == 2
+    with pytest.raises(UsageError, match="actstore darkmatter"):
+        query(str(curves_only), "darkmatter")
