@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU wheel this project's machines carry; an unpinned torch pulls CUDA packages.
 TORCH := torch==2.13.0
 DEMO ?= demo
+# TransformerLens 3.9 is the line SAELens accepts; CI installs 4.x. `make test-tl39` runs the suite under 3.9.
+VENV39 := .venv-tl39
 
 .PHONY: setup test demo bench lint clean test-tl39
 
@@ -26,6 +28,15 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/harvest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/eval.py
+	$(BIN)/python bench/analytics.py
+
+test-tl39:
+	$(PY) -m venv $(VENV39)
+	$(VENV39)/bin/pip install -q --upgrade pip
+	$(VENV39)/bin/pip install -q $(TORCH)
+	$(VENV39)/bin/pip install -q -e '.[dev]' 'transformer_lens==3.9.*'
+	$(VENV39)/bin/python -m pytest tests
 
 lint: setup
 	$(BIN)/ruff check actstore cli tests bench examples && $(BIN)/ruff format --check actstore cli tests bench examples
