@@ -25,7 +25,7 @@ from actstore import records as rec
 from actstore import store as st
 from actstore.darkmatter import load_probe
 from actstore.errors import StoreError, UsageError
-from actstore.geometry import write_layers
+from actstore.geometry import moments, write_layers
 from actstore.model import LoadedModel, capture, hook_layer, load_model
 from actstore.progress import plural_saes, token_bar
 from actstore.saeio import EvalSAE, load_eval_sae
@@ -73,10 +73,6 @@ class Patcher:
 
         return self.model.bridge.run_with_hooks(tokens, fwd_hooks=[(self.hook, swap)])
 
-    def logprobs(self, tokens: Tensor, replacement: Tensor) -> Tensor:
-        """log-softmax (float32) of `logits`."""
-        return torch.log_softmax(self.logits(tokens, replacement).float(), dim=-1)
-
     def _suffix(self, resid: Tensor) -> Tensor:
         bridge = self.model.bridge
         h = resid.to(next(bridge.parameters()).dtype)
@@ -99,18 +95,6 @@ class Patcher:
             return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))
         except Exception:  # an architecture whose blocks take other arguments: use the hook path
             return False
-
-
-def next_token_ce(logp: Tensor, tokens: Tensor) -> Tensor:
-    """CE at pos = −log p(token[pos+1]); NaN at the last position (METHODS.md)."""
-    ce = torch.full(tokens.shape, float("nan"))
-    ce[:, :-1] = -logp[:, :-1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1).cpu()
-    return ce
-
-
-def kl_div(logp_clean: Tensor, logq: Tensor) -> Tensor:
-    """D_KL(P ‖ Q) per token over the full vocabulary, in float32 from log-softmax."""
-    return (logp_clean.exp() * (logp_clean - logq)).sum(-1)
 
 
 class CleanDistribution:
@@ -227,14 +211,16 @@ def evaluate(
     model_name = group.attrs.get("model", {}).get("name")
     model = loaded or load_model(model_name, options.device, options.compute_dtype)
     n_seq = min(n_store, options.max_seqs or n_store)
+    stats = {h: moments(group, h, n_seq) for h in hooks}  # μ for sst, and the layers table's covariance
     done = []
     for hook in dict.fromkeys(s.hook for s in saes):
         batch_saes = [s.to(options.device) for s in saes if s.hook == hook]
-        frames = _evaluate_hook(group, eval_store, model, hook, batch_saes, n_seq, options, progress, probes)
+        mu = torch.from_numpy(stats[hook][0]).float().to(options.device)
+        frames = _evaluate_hook(group, eval_store, model, hook, batch_saes, n_seq, options, progress, probes, mu)
         for s in batch_saes:
             rec.write_parts(run, s.sae_id, frames[s.sae_id])
             done.append(s.sae_id)
-    write_layers(eval_store, run, max_seqs=n_seq)  # the geometry of every hook of the eval store
+    write_layers(eval_store, run, max_seqs=n_seq, known=stats)  # the geometry of every hook of the eval store
     return done
 
 
@@ -252,15 +238,6 @@ def _load_saes(run: str, sae_paths: list[str] | None) -> list[EvalSAE]:
     return [load_eval_sae(p) for p in paths]
 
 
-def _store_mean(group: Any, hook: str, n_seq: int, chunk: int = 64) -> Tensor:
-    total = np.zeros(group["acts"][hook].shape[2], dtype=np.float64)
-    for s in range(0, n_seq, chunk):
-        total += (
-            st.read_acts(group, hook, slice(s, min(s + chunk, n_seq))).reshape(-1, total.size).sum(0, dtype=np.float64)
-        )
-    return torch.from_numpy(total / (n_seq * group["tokens"].shape[1])).float()
-
-
 def _evaluate_hook(
     group: Any,
     store_path: str,
@@ -271,9 +248,9 @@ def _evaluate_hook(
     o: EvalOptions,
     progress: bool,
     probes: dict[str, tuple[Tensor, Tensor]],
+    mu: Tensor,
 ) -> dict[str, dict[str, pl.DataFrame]]:
     seq_len = int(group["tokens"].shape[1])
-    mu = _store_mean(group, hook, n_seq).to(o.device)
     patcher = Patcher(model, hook)
     recon = {s.sae_id: _recon_array(group, hook, s.sae_id) for s in saes}
     cols: dict[str, dict[str, list]] = {s.sae_id: {} for s in saes}

@@ -25,8 +25,11 @@ def participation_ratio(eigenvalues: np.ndarray) -> float:
     return float(lam.sum() ** 2 / (lam**2).sum()) if lam.any() else float("nan")
 
 
-def covariance(group: Any, hook: str, n_seq: int, chunk: int = 64) -> tuple[np.ndarray, int]:
-    """Mean-centred covariance (float64, divided by n) of a hook's first n_seq sequences; streams chunks."""
+def moments(group: Any, hook: str, n_seq: int, chunk: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean, mean-centred covariance divided by n, n) of a hook's first n_seq sequences, float64, streamed.
+
+    Eval takes its eval-set mean μ (for sst) from here too, so the store is read once for both.
+    """
     d = int(group["acts"][hook].shape[2])
     xtx, total, n = np.zeros((d, d)), np.zeros(d), 0
     for s in range(0, n_seq, chunk):
@@ -35,16 +38,19 @@ def covariance(group: Any, hook: str, n_seq: int, chunk: int = 64) -> tuple[np.n
         total += x.sum(0)
         n += len(x)
     mean = total / n
-    return xtx / n - np.outer(mean, mean), n
+    return mean, xtx / n - np.outer(mean, mean), n
 
 
-def layer_rows(store: str, max_seqs: int | None = None) -> pl.DataFrame:
-    """One `layers` row per hook of `store`: PR raw and deflated, total variance, top eigenvalue share."""
+def layer_rows(store: str, max_seqs: int | None = None, known: dict | None = None) -> pl.DataFrame:
+    """One `layers` row per hook of `store`: PR raw and deflated, total variance, top eigenvalue share.
+
+    `known` maps hooks to `moments` already computed over the same sequences.
+    """
     group = st.open_store(store)
     n_seq = min(st.committed(group), max_seqs or st.committed(group))
     rows = []
     for hook in st.hooks_of(group):
-        cov, n = covariance(group, hook, n_seq)
+        _, cov, n = (known or {}).get(hook) or moments(group, hook, n_seq)
         lam = np.linalg.eigvalsh(cov)[::-1]
         rows.append(
             {
@@ -63,11 +69,11 @@ def layer_rows(store: str, max_seqs: int | None = None) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
-def write_layers(store: str, run: str, max_seqs: int | None = None) -> pl.DataFrame:
+def write_layers(store: str, run: str, max_seqs: int | None = None, known: dict | None = None) -> pl.DataFrame:
     """Compute `layer_rows` and write them under RUN/records/layers, one partition per store."""
     if "://" not in store:  # one partition per store, however its path is spelled
         store = str(Path(store).resolve())
-    rows = layer_rows(store, max_seqs)
+    rows = layer_rows(store, max_seqs, known)
     key = hashlib.sha256(store.encode()).hexdigest()[:12]
     rec.write_parts(run, key, {"layers": rows}, partition="store_key")
     return rows

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from actstore import store as st
 from actstore.analytics import query
 from actstore.errors import StoreError, UsageError
-from actstore.evaluate import EvalOptions, Patcher, evaluate, kl_div, perturbations
+from actstore.evaluate import CleanDistribution, EvalOptions, Patcher, evaluate, perturbations
 from actstore.model import capture, load_model
 from actstore.records import read_table
 from actstore.saeio import load_eval_sae
@@ -70,10 +70,13 @@ def test_patching_the_clean_activation_changes_nothing(evaluated):
         assert patcher.start is not None  # the shared-prefix path, not a full re-run
         x = capture(model, tokens, [hook])[hook]
         with torch.inference_mode():
-            clean = torch.log_softmax(model.bridge(tokens).float(), -1)
-        patched = patcher.logprobs(tokens, x)
-        assert torch.equal(patched, clean)
-        assert float(kl_div(clean, patched).abs().max()) == 0.0
+            full = model.bridge(tokens)
+        patched = patcher.logits(tokens, x)
+        assert torch.equal(patched, full)
+        clean = CleanDistribution(full, tokens)
+        ce, kl = clean.score(patched)
+        assert np.abs(kl).max() == 0.0
+        np.testing.assert_array_equal(ce, clean.ce.numpy())
 
 
 def test_r2_from_the_records_matches_numpy_on_the_stored_arrays(evaluated):
@@ -102,11 +105,16 @@ def test_baselines_have_the_saes_error_norm_and_cosine():
     torch.testing.assert_close(p["samecos"].norm(dim=-1), xh.norm(dim=-1))
 
 
-def test_kl_matches_a_hand_computation_on_a_tiny_vocabulary():
-    p = torch.tensor([[[0.5, 0.25, 0.25]]])
-    q = torch.tensor([[[0.25, 0.25, 0.5]]])
-    hand = 0.5 * np.log(0.5 / 0.25) + 0.25 * np.log(1.0) + 0.25 * np.log(0.25 / 0.5)
-    assert float(kl_div(p.log(), q.log())) == pytest.approx(hand, rel=1e-6)
+def test_kl_and_ce_match_a_hand_computation_on_a_tiny_vocabulary():
+    p = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]])
+    q = torch.tensor([[[0.25, 0.25, 0.5], [0.3, 0.3, 0.4]]])
+    tokens = torch.tensor([[0, 2]])  # the true next token after position 0 is 2
+    clean = CleanDistribution(p.log() + 3.0, tokens)  # logits: any shift of log p
+    ce, kl = clean.score(q.log() - 1.0)
+    hand = [sum(a * np.log(a / b) for a, b in zip(pp, qq, strict=True)) for pp, qq in zip(p[0], q[0], strict=True)]
+    np.testing.assert_allclose(kl, hand, rtol=1e-5)
+    assert ce[0] == pytest.approx(-np.log(0.5), rel=1e-6) and np.isnan(ce[1])  # no next token at the end
+    assert float(clean.ce[0]) == pytest.approx(-np.log(0.25), rel=1e-6)
 
 
 def test_reevaluating_replaces_the_records(evaluated):
