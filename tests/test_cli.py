@@ -202,3 +202,18 @@ def test_readme_cli_reference_names_every_command_and_option():
         for param in cmd.params:
             for opt in [o for o in param.opts + param.secondary_opts if o.startswith("--") and o != "--help"]:
                 assert opt in section, f"{path} {opt} is missing from the README's CLI reference"
+
+
+def test_layers_cli_writes_one_partition_per_store_and_checks_its_options(small_store, tmp_path):
+    from actstore.records import read_table
+
+    run = str(tmp_path / "run")
+    bad = run_cli("layers", small_store, "--run", run, "--max-seqs", "0")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--max-seqs" in bad.stderr
+    for spelling in (small_store, small_store + "/"):  # the same store twice: still one partition
+        out = run_cli("layers", spelling, "--run", run, "--max-seqs", "4")
+        assert out.returncode == 0, out.stderr
+    layers = read_table(run, "layers")
+    assert sorted(layers["hook"]) == sorted(HOOKS) and layers["n_tokens"].to_list() == [4 * 64] * 2
+    missing = run_cli("darkmatter", run)
+    assert missing.returncode == 2 and "actstore eval" in missing.stderr
