@@ -111,7 +111,8 @@ def test_kl_and_ce_match_a_hand_computation_on_a_tiny_vocabulary():
     tokens = torch.tensor([[0, 2]])  # the true next token after position 0 is 2
     clean = CleanDistribution(p.log() + 3.0, tokens)  # logits: any shift of log p
     ce, kl = clean.score(q.log() - 1.0)
-    hand = [sum(a * np.log(a / b) for a, b in zip(pp, qq, strict=True)) for pp, qq in zip(p[0], q[0], strict=True)]
+    pn, qn = p[0].double().numpy(), q[0].double().numpy()
+    hand = [sum(a * np.log(a / b) for a, b in zip(pp, qq, strict=True)) for pp, qq in zip(pn, qn, strict=True)]
     np.testing.assert_allclose(kl, hand, rtol=1e-5)
     assert ce[0] == pytest.approx(-np.log(0.5), rel=1e-6) and np.isnan(ce[1])  # no next token at the end
     assert float(clean.ce[0]) == pytest.approx(-np.log(0.25), rel=1e-6)
