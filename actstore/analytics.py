@@ -30,6 +30,7 @@ _EMPTY = {
     ),
     "latents": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS latent, NULL::BIGINT AS fires, NULL::DOUBLE AS firing_rate",
     "codes": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS seq, NULL::SMALLINT AS pos, NULL::INTEGER AS latent",
+    "vocab": "NULL::VARCHAR AS model, NULL::INTEGER AS token, NULL::VARCHAR AS text",
 }
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.+)\);\s*(?:--\s*(.*))?$", re.M)
 

@@ -38,6 +38,7 @@ ABOUT = {
     "darkmatter": "Linear probes of the SAE error (dark matter)",
     "latents": "One row per (SAE, latent)",
     "layers": "One row per hookpoint: participation ratio and variance of the activations",
+    "vocab": "The text of every token id the eval stores hold, per model",
 }
 README = """# actstore bundle of `{name}`
 

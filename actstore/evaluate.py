@@ -10,6 +10,7 @@ Other hooks, and architectures where that direct suffix does not reproduce the m
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,7 +222,22 @@ def evaluate(
             rec.write_parts(run, s.sae_id, frames[s.sae_id])
             done.append(s.sae_id)
     write_layers(eval_store, run, max_seqs=n_seq, known=stats)  # the geometry of every hook of the eval store
+    _write_vocab(run, model, model_name, st.read_tokens(group, slice(0, n_seq)))
     return done
+
+
+def _write_vocab(run: str, model: LoadedModel, model_name: str, tokens: np.ndarray) -> None:
+    """The text of every token id seen, so queries can show tokens, not ids (`vocab`, one partition per model)."""
+    ids = np.unique(tokens).tolist()
+    frame = pl.DataFrame(
+        {"model": [model_name] * len(ids), "token": ids, "text": [model.tokenizer.decode([i]) for i in ids]},
+        schema={"model": pl.String, "token": pl.Int32, "text": pl.String},
+    )
+    key = hashlib.sha256(str(model_name).encode()).hexdigest()[:12]
+    old = rec.part_path(run, "vocab", key, "model_key")
+    if old.is_file():  # other eval stores of this model saw other tokens: keep theirs too
+        frame = pl.concat([pl.read_parquet(old).select(frame.columns), frame]).unique("token", keep="last")
+    rec.write_parts(run, key, {"vocab": frame.sort("token")}, partition="model_key")
 
 
 def _probe(run: str, sae_id: str) -> tuple[Tensor, Tensor]:

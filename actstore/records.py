@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 SCHEMA_VERSION = "1"
-TABLES = ("saes", "tokens", "codes", "latents", "evals", "curves", "darkmatter", "layers")
+TABLES = ("saes", "tokens", "codes", "latents", "evals", "curves", "darkmatter", "layers", "vocab")
 
 
 def table_dir(run: str | Path, table: str) -> Path:
@@ -37,7 +37,7 @@ def part_files(run: str | Path, table: str) -> list[Path]:
 def write_parts(run: str | Path, key: str, frames: dict[str, pl.DataFrame], partition: str = "sae_id") -> None:
     """Replace partition `key` of each table: all written aside first, then renamed into place.
 
-    Tables are partitioned by `sae_id`, except `layers` (by store, `store_key`).
+    Tables are partitioned by `sae_id`, except `layers` (by store, `store_key`) and `vocab` (`model_key`).
     """
     staged: list[tuple[Path, Path]] = []
     for table, frame in frames.items():

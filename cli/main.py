@@ -368,7 +368,7 @@ def sql_(
     out: str | None,
     shell: bool,
 ) -> None:
-    """Views: saes, tokens, codes, latents, evals, curves, darkmatter, layers (those present). Examples:
+    """Views: saes, tokens, codes, latents, evals, curves, darkmatter, layers, vocab (those present). Examples:
 
     \b
       actstore sql RUN --list

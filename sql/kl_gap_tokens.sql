@@ -1,5 +1,5 @@
--- kl_gap_tokens: the tokens (ids at the patched position) with the largest mean KL gap, per hook and baseline.
--- Reads: tokens, saes.
+-- kl_gap_tokens: the tokens at the patched position with the largest mean KL gap, per hook and baseline.
+-- Reads: tokens, saes, vocab (the token's text, written by eval).
 -- gap = mean kl_sae / mean kl_baseline over that token's occurrences (pooling the hook's SAEs); tokens
 --   seen fewer than min_count times are skipped, so the list is not rare-token noise.
 SET VARIABLE min_count = coalesce(getvariable('min_count'), 20);  -- fewest occurrences counted
@@ -22,6 +22,8 @@ per_token AS (
     GROUP BY ALL
     HAVING count(*) >= getvariable('min_count')
 )
-SELECT * FROM per_token
-QUALIFY row_number() OVER (PARTITION BY model, hook, baseline ORDER BY gap DESC) <= getvariable('top')
-ORDER BY model, hook, baseline, gap DESC;
+SELECT p.model, p.hook, p.baseline, p.token, v.text, p.n, p.kl_sae, p.kl_baseline, p.gap
+FROM per_token AS p
+LEFT JOIN vocab AS v ON v.model = p.model AND v.token = p.token
+QUALIFY row_number() OVER (PARTITION BY p.model, p.hook, p.baseline ORDER BY p.gap DESC) <= getvariable('top')
+ORDER BY p.model, p.hook, p.baseline, p.gap DESC;

@@ -261,3 +261,14 @@ def test_linear_probe_agrees_with_numpy_lstsq_and_splits_the_fvu():
     pred = np.c_[x[~fit], np.ones((~fit).sum())] @ cy
     want = 1 - ((y[~fit] - pred) ** 2).sum() / ((y[~fit] - y[~fit].mean()) ** 2).sum()
     assert row["norm_r2_x"] == pytest.approx(want, rel=1e-3, abs=1e-4)
+
+
+def test_eval_writes_the_text_of_every_token_it_saw(evaluated):
+    store, run = evaluated
+    vocab = read_table(run, "vocab")
+    seen = np.unique(st.read_tokens(st.open_store(store)))
+    assert sorted(vocab["token"].to_list()) == seen.tolist()
+    tok = load_model("tiny").tokenizer
+    assert all(row["text"] == tok.decode([row["token"]]) for row in vocab.iter_rows(named=True))
+    top = query(run, "kl_gap_tokens", min_count=1)
+    assert top.height > 0 and top["text"].null_count() == 0
