@@ -56,24 +56,32 @@ def resolve(run_or_bundle: str) -> Path:
     return path
 
 
-def connect(run_or_bundle: str):
-    """An in-memory DuckDB connection with a view per records table present, and the shared macros."""
-    import duckdb
-
-    root = resolve(run_or_bundle)
-    con = duckdb.connect()
-    con.execute("SET enable_progress_bar = false")  # DuckDB draws one on stdout for queries over ~2 s
+def setup_statements(root: Path) -> list[str]:
+    """The SQL that opens a run: a view per records table present (absent ones that queries may reference
+    become empty typed views), then the shared macros. `connect` and the duckdb shell both run it."""
+    statements = []
     for table in rec.TABLES:
         parts = rec.part_files(root, table)
         if parts:
-            listed = ", ".join("'" + str(p).replace("'", "''") + "'" for p in parts)
-            con.execute(
+            listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
+            statements.append(  # union_by_name: SAEs evaluated with --darkmatter have four more columns
                 f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-                "union_by_name = true)"  # SAEs evaluated with --darkmatter have four more columns
+                "union_by_name = true);"
             )
         elif table in _EMPTY:  # queries may read it in a branch that a parameter switches off
-            con.execute(f"CREATE VIEW {table} AS SELECT {_EMPTY[table]} WHERE false")
-    con.execute((files("actstore.sql") / "_macros.sql").read_text())
+            statements.append(f"CREATE VIEW {table} AS SELECT {_EMPTY[table]} WHERE false;")
+    statements.append((files("actstore.sql") / "_macros.sql").read_text())
+    return statements
+
+
+def connect(run_or_bundle: str):
+    """An in-memory DuckDB connection with the views and macros of `setup_statements`."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")  # DuckDB draws one on stdout for queries over ~2 s
+    for statement in setup_statements(resolve(run_or_bundle)):
+        con.execute(statement)
     return con
 
 
@@ -233,17 +241,7 @@ def open_shell(run_or_bundle: str) -> None:
         raise UsageError(
             'no `duckdb` CLI on PATH; install it (https://duckdb.org) or use `actstore sql RUN "SELECT …"`'
         )
-    root = resolve(run_or_bundle)
-    lines = []
-    for table in rec.TABLES:
-        parts = rec.part_files(root, table)
-        if parts:
-            listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
-            lines.append(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-                "union_by_name = true);"
-            )
-    lines.append((files("actstore.sql") / "_macros.sql").read_text())
+    lines = setup_statements(resolve(run_or_bundle))
     init = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
     init.write("\n".join(lines))
     init.close()
