@@ -17,21 +17,11 @@ from typing import Any
 
 import polars as pl
 
-from actstore import records as rec
+from actstore import run as rundir
 from actstore.errors import UsageError
+from actstore.tables import TABLES, empty_view_sql
 from actstore.units import parse_count
 
-# Tables a named query may reference without needing rows: absent ones become empty views of this shape.
-_EMPTY = {
-    "tokens": ", ".join(
-        ["NULL::VARCHAR AS sae_id", "NULL::VARCHAR AS store", "NULL::INTEGER AS seq", "NULL::SMALLINT AS pos"]
-        + [f"NULL::FLOAT AS {c}" for c in ("sse", "sst", "cos", "relerr", "l0", "rate_bits", "err_norm")]
-        + [f"NULL::FLOAT AS {p}_{c}" for p in ("ce", "kl") for c in ("orig", "patched", "zero")]
-    ),
-    "latents": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS latent, NULL::BIGINT AS fires, NULL::DOUBLE AS firing_rate",
-    "codes": "NULL::VARCHAR AS sae_id, NULL::INTEGER AS seq, NULL::SMALLINT AS pos, NULL::INTEGER AS latent",
-    "vocab": "NULL::VARCHAR AS model, NULL::INTEGER AS token, NULL::VARCHAR AS text",
-}
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.+)\);\s*(?:--\s*(.*))?$", re.M)
 
 
@@ -48,7 +38,7 @@ def resolve(run_or_bundle: str) -> Path:
     """The directory holding `records/`: a run, a bundle directory, or an unpacked .tar/.zip bundle."""
     path = Path(run_or_bundle)
     if path.suffix in (".tar", ".zip") and path.is_file():
-        from actstore.bundle import open_bundle
+        from actstore.steps.bundle import open_bundle
 
         path = Path(open_bundle(str(path)))
     if not (path / "records").is_dir():
@@ -57,21 +47,27 @@ def resolve(run_or_bundle: str) -> Path:
 
 
 def setup_statements(root: Path) -> list[str]:
-    """The SQL that opens a run: a view per records table present (absent ones that queries may reference
-    become empty typed views), then the shared macros. `connect` and the duckdb shell both run it."""
+    """The SQL that opens a run: a view per records table (an empty typed view for a table the run lacks,
+    so a query reads it in a branch a parameter switches off), then the shared macros. `connect` and the
+    duckdb shell both run it."""
     statements = []
-    for table in rec.TABLES:
-        parts = rec.part_files(root, table)
+    for table in TABLES:  # partition keys stay text: a hash or an sae_id of digits is not a number
+        parts = rundir.part_files(root, table)
         if parts:
             listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
-            statements.append(  # union_by_name: SAEs evaluated with --darkmatter have four more columns
+            statements.append(  # union_by_name: files written by an older schema may lack newer columns
                 f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-                "union_by_name = true);"
+                f"hive_types = {{'{TABLES[table].partition}': VARCHAR}}, union_by_name = true);"
             )
-        elif table in _EMPTY:  # queries may read it in a branch that a parameter switches off
-            statements.append(f"CREATE VIEW {table} AS SELECT {_EMPTY[table]} WHERE false;")
-    statements.append((files("actstore.sql") / "_macros.sql").read_text())
+        else:
+            statements.append(f"CREATE VIEW {table} AS {empty_view_sql(table)};")
+    statements.append(macros())
     return statements
+
+
+def macros() -> str:
+    """The shared macros of the named queries (`sql/_macros.sql`)."""
+    return (files("actstore.sql") / "_macros.sql").read_text()
 
 
 def connect(run_or_bundle: str):
@@ -107,10 +103,6 @@ def get_query(name: str) -> NamedQuery:
     if name not in queries:
         raise UsageError(f"no named query {name!r}; there are: {', '.join(queries)} (`actstore sql RUN --list`)")
     return queries[name]
-
-
-def query_text(name: str) -> str:
-    return get_query(name).text
 
 
 def sql_literal(value: Any) -> str:
@@ -155,23 +147,26 @@ def run_sql(con, text: str, params: dict[str, Any] | None = None) -> pl.DataFram
         return con.sql(statements[-1].query).pl()
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
-        hint = next((h for needle, h in _HINTS.items() if needle in first), f"views: {', '.join(_views(con))}")
-        raise UsageError(f"SQL failed: {first} ({hint})") from None
-
-
-# What to run when a query needs records the run lacks (matched against DuckDB's error message).
-_HINTS = {
-    "ce_linear": "patch the dark-matter probes first: `actstore eval EVAL_STORE --run RUN --darkmatter`",
-    "ce_nonlinear": "patch the dark-matter probes first: `actstore eval EVAL_STORE --run RUN --darkmatter`",
-    "name darkmatter": "fit the probes first: `actstore darkmatter RUN`",
-    "name layers": "write the table first: `actstore layers STORE --run RUN` (eval also does it)",
-    "name curves": "training curves come from `actstore train`",
-    "name saes": "evaluate some SAEs first: `actstore eval EVAL_STORE --run RUN`",
-}
+        raise UsageError(f"SQL failed: {first} (views: {', '.join(_views(con))})") from None
 
 
 def _views(con) -> list[str]:
     return [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()]
+
+
+def missing_tables(run_or_bundle: str, name: str) -> list[str]:
+    """The records tables named query `name` reads (its header's `Reads:` line) that the run lacks."""
+    root = resolve(run_or_bundle)
+    reads = get_query(name).reads.split("(", 1)[0]  # "tokens, saes, vocab (what vocab holds)."
+    return [t for t in (r.strip(" .") for r in reads.split(",")) if t in TABLES and not rundir.part_files(root, t)]
+
+
+def why_empty(run_or_bundle: str, name: str) -> str:
+    """Why a named query returned no rows: the tables the run lacks and the commands that write them."""
+    missing = missing_tables(run_or_bundle, name)
+    if not missing:
+        return f"query `{name}` returned no rows"
+    return "; ".join(f"this run has no `{t}` table ({TABLES[t].writer} writes it)" for t in missing)
 
 
 def query(run: str, name: str, **params: Any) -> pl.DataFrame:
@@ -202,6 +197,29 @@ def format_table(df: pl.DataFrame, decimals: int = 4) -> str:
         return str(df)
 
 
+FORMATS = ("table", "csv", "json", "parquet")
+
+
+def render(df: pl.DataFrame, fmt: str) -> str:
+    """A result as text in `fmt` (table, csv or json); parquet is binary: see `write_result`."""
+    if fmt == "table":
+        return format_table(df)
+    if fmt == "csv":  # CSV has no lists: nested values are written as their text
+        nested = [c for c, t in df.schema.items() if t.is_nested()]
+        return df.with_columns(pl.col(nested).map_elements(str, return_dtype=pl.String)).write_csv()
+    if fmt == "json":
+        return df.write_json()
+    raise UsageError(f"--format {fmt} has no text form; use one of table, csv, json, or parquet with --out FILE")
+
+
+def write_result(df: pl.DataFrame, fmt: str, out: str) -> None:
+    """A result written to the file `out` in `fmt`."""
+    if fmt == "parquet":
+        df.write_parquet(out)
+    else:
+        Path(out).write_text(render(df, fmt))
+
+
 def with_intervals(df: pl.DataFrame, decimals: int = 4) -> pl.DataFrame:
     """Fold each `x`, `x_lo`, `x_hi` column triple into one "x [lo, hi]" text column, for reading."""
 
@@ -223,10 +241,13 @@ def headline(run: str) -> pl.DataFrame:
     gaps = gaps.rename({c: f"kl_gap_{c}" for c in gaps.columns if c != "sae_id"})
     keep = ["sae_id", "r2", "ce_rec", "ce_loss_recovered", "kl", "alive"]
     cols = [c for c in df.columns if c in keep or any(c == f"{k}_{e}" for k in keep for e in ("lo", "hi"))]
+    order = df.select("sae_id", "layer", "hook", "k")
     return (
         with_intervals(df.select(cols))
         .join(gaps, on="sae_id", how="left")
-        .sort(pl.col("sae_id").str.extract(r"^(.*)__"), pl.col("sae_id").str.extract(r"__k(\d+)_").cast(pl.Int64))
+        .join(order, on="sae_id")
+        .sort("layer", "hook", "k", "sae_id", nulls_last=True)
+        .drop("layer", "hook", "k")
     )
 
 

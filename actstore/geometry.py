@@ -2,20 +2,17 @@
 
 Why: a residual stream whose variance sits in a few directions (a "canyon" in the layer profile) is
 easy for an SAE in R² and can still be hard in behaviour; the `layers` table makes that profile a query.
-PR = (Σλ)²/Σλ² over the eigenvalues of the mean-centred covariance (METHODS.md); "deflated" drops the
+PR = (Σλ)²/Σλ² over the eigenvalues of the mean-centred covariance (docs/METHODS.md); "deflated" drops the
 top eigen-direction first, since one outlier direction (common in residual streams) dominates the raw PR.
 """
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from actstore import records as rec
 from actstore import store as st
 from actstore.model import hook_layer
 
@@ -67,13 +64,3 @@ def layer_rows(store: str, max_seqs: int | None = None, known: dict | None = Non
             }
         )
     return pl.DataFrame(rows)
-
-
-def write_layers(store: str, run: str, max_seqs: int | None = None, known: dict | None = None) -> pl.DataFrame:
-    """Compute `layer_rows` and write them under RUN/records/layers, one partition per store."""
-    if "://" not in store:  # one partition per store, however its path is spelled
-        store = str(Path(store).resolve())
-    rows = layer_rows(store, max_seqs, known)
-    key = hashlib.sha256(store.encode()).hexdigest()[:12]
-    rec.write_parts(run, key, {"layers": rows}, partition="store_key")
-    return rows

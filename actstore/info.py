@@ -19,7 +19,7 @@ def store_info(path: str) -> dict[str, Any]:
         logical = int(arr.nbytes)
         entry: dict[str, Any] = {
             "shape": list(arr.shape),
-            "dtype": arr.attrs.get("actstore_dtype", str(arr.dtype)),
+            "dtype": st.stored_dtype(arr),
             "chunks": list(arr.chunks),
             "shards": list(arr.shards) if arr.shards else None,
             "codecs": [c.to_dict()["name"] for c in arr.metadata.codecs],

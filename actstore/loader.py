@@ -59,7 +59,7 @@ class ActivationLoader:
         if not 0 <= options.drop_first_positions < seq_len:
             raise UsageError(f"cannot drop {options.drop_first_positions} positions of {seq_len}-token sequences")
         self.arr, self.hook, self.opts, self.device = arr, hook, options, device
-        self.stored_dtype = arr.attrs.get("actstore_dtype", str(arr.dtype))
+        self.stored_dtype = st.stored_dtype(arr)
         self.chunk_seqs = arr.chunks[0]
         self.n_chunks = -(-n_seq // self.chunk_seqs)
         self.rows_per_seq = seq_len - options.drop_first_positions

@@ -105,6 +105,15 @@ def hook_layer(hook: str) -> int | None:
     return None
 
 
+def blocks_after(hook: str) -> int | None:
+    """The first block a residual-stream hook's value feeds (L for resid_pre of L, L + 1 for resid_post);
+    None for other hooks, which can only be patched inside a full forward pass."""
+    layer = hook_layer(hook)
+    if layer is None or layer < 0 or not hook.endswith((".hook_resid_pre", ".hook_resid_post")):
+        return None
+    return layer + (1 if hook.endswith("post") else 0)
+
+
 def stop_layer(hooks: list[str]) -> int | None:
     """Where the forward pass may stop once every hook has fired (`stop_at_layer`), or None."""
     layers = [hook_layer(h) for h in hooks]

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actstore.metrics import EPS
+
 AUXK_COEF = 1 / 32  # Gao et al., section A.2
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-EPS = 1e-10
 
 
 class EncoderOutput(NamedTuple):
@@ -157,13 +158,13 @@ class TopKSAE(nn.Module):
         seed: int = 0,
         device: str | torch.device = "cpu",
         low_precision: bool = False,
-        dense_decoder: bool = False,
     ):
         super().__init__()
         if not 0 < k < d_sae:
             raise ValueError(f"k must be between 1 and d_sae - 1 = {d_sae - 1}, got {k}")
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
-        self.low_precision, self.dense_decoder = low_precision, dense_decoder
+        self.low_precision = low_precision
+        self.decode_rows = sparse_decode  # benchmarks swap in `dense_decode`, the reference
         gen = torch.Generator().manual_seed(seed)
         # Gao et al.: decoder rows are random unit directions and the encoder starts as their transpose.
         w = torch.randn(d_sae, d_in, generator=gen)
@@ -178,8 +179,7 @@ class TopKSAE(nn.Module):
         return EncoderOutput(vals, idx)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        decode = dense_decode if self.dense_decoder else sparse_decode
-        return decode(top_acts, top_indices, self.W_dec) + self.b_dec
+        return self.decode_rows(top_acts, top_indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None, total_var: Tensor | None = None) -> ForwardOutput:
         """`total_var` overrides the batch's own Σ‖x − mean‖² (needed when a batch is too small to have one)."""

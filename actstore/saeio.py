@@ -2,8 +2,8 @@
 
 Why a separate loader from `sae.TopKSAE`: evaluation must also read dictionaries we did not train
 (Gemma Scope's JumpReLU, classic ReLU SAEs) from `cfg.json` + `sae_weights.safetensors`. Each is
-reduced to the same two operations — dense latents for a batch, and their decode — so the metrics
-code does not care which architecture it measures.
+reduced to the same two operations — the active latents of a batch as (values, indices), and their
+decode — so the metrics code does not care which architecture it measures.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from actstore.errors import UsageError
+from actstore.sae import EncoderOutput
 
 ARCHITECTURES = ("topk", "standard", "relu", "jumprelu")
 
@@ -44,19 +45,25 @@ class EvalSAE:
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
-    def latents(self, x: Tensor) -> Tensor:
-        """Dense (n, d_sae) latent activations."""
+    def encode(self, x: Tensor) -> EncoderOutput:
+        """The active latents of (n, d_in) tokens as (values, indices), never a dense (n, d_sae) matrix.
+
+        TopK gives k per token. ReLU and JumpReLU give as many columns as the busiest token of the batch
+        has active latents; tokens with fewer are padded with zero values (which decode to nothing).
+        """
         x_in = x - self.b_dec if self.apply_b_dec_to_input else x
         pre = x_in @ self.W_enc + self.b_enc
         if self.architecture == "topk":
             vals, idx = pre.topk(self.k, dim=-1)
-            return torch.zeros_like(pre).scatter(1, idx, vals.relu())
-        if self.architecture == "jumprelu":
-            return pre.relu() * (pre > self.threshold)
-        return pre.relu()
+            return EncoderOutput(vals.relu(), idx)
+        active = pre.relu() * (pre > self.threshold) if self.architecture == "jumprelu" else pre.relu()
+        width = max(1, int((active > 0).sum(-1).max()))
+        vals, idx = active.topk(width, dim=-1)
+        return EncoderOutput(vals, idx)
 
-    def decode(self, z: Tensor) -> Tensor:
-        return z @ self.W_dec + self.b_dec
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """x̂ = Σ_j value_j · W_dec[index_j] + b_dec: k decoder rows gathered per token."""
+        return F.embedding_bag(top_indices, self.W_dec, per_sample_weights=top_acts, mode="sum") + self.b_dec
 
     def to(self, device: str) -> EvalSAE:
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):

@@ -157,6 +157,46 @@ def create_store(
     return group
 
 
+def stored_dtype(arr: zarr.Array) -> str:
+    """The dtype an array's values mean (`bfloat16` for its uint16 bit patterns), whatever Zarr stores."""
+    return str(arr.attrs.get("actstore_dtype", arr.dtype))
+
+
+def recon_array(group: zarr.Group, hook: str, sae_id: str) -> zarr.Array:
+    """A fresh `recon/<sae_id>/<hook>` with the activations' shape, chunks, dtype and codecs."""
+    acts = group["acts"][hook]
+    dtype = stored_dtype(acts)
+    filters, compressors = codec_chain(
+        group.attrs.get("codec", {}).get("name", DEFAULT_CODEC), dtype, acts.dtype.itemsize
+    )
+    arr = (
+        group.require_group("recon")
+        .require_group(sae_id)
+        .create_array(
+            hook,
+            shape=acts.shape,
+            chunks=acts.chunks,
+            dtype=acts.dtype,
+            filters=filters,
+            compressors=compressors,
+            dimension_names=DIMS,
+            fill_value=0,
+            overwrite=True,
+        )
+    )
+    arr.attrs.update({"actstore_dtype": dtype, "hook": hook, "sae_id": sae_id})
+    return arr
+
+
+def read_recon(group: zarr.Group, hook: str, sae_id: str, seqs: slice = slice(None)) -> np.ndarray:
+    """An SAE's reconstructions written by eval, as float32."""
+    try:
+        arr = group[f"recon/{sae_id}/{hook}"]
+    except KeyError:
+        raise StoreError(f"the store has no recon/{sae_id}/{hook}; run `actstore eval` for that SAE") from None
+    return to_float32(arr[seqs], stored_dtype(arr))
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -197,7 +237,7 @@ def read_acts(group: zarr.Group, hook: str, seqs: slice = slice(None)) -> np.nda
         values = arr[seqs]
     except Exception as exc:
         raise StoreError(f"damaged chunk in acts/{hook} ({type(exc).__name__}: {exc}); re-harvest the store") from exc
-    return to_float32(values, arr.attrs.get("actstore_dtype", str(arr.dtype)))
+    return to_float32(values, stored_dtype(arr))
 
 
 def read_tokens(group: zarr.Group, seqs: slice = slice(None)) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Token counts as people write them: `2M`, `500k`, `1e6`, `1_000_000`."""
+"""Token counts as people write them (`2M`, `500k`, `1e6`, `1_000_000`), read and written."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ def parse_count(text: str | int) -> int:
     if value != value or value in (float("inf"), float("-inf")) or value != int(value) or value < 0:
         raise UsageError(f"token count {text!r} is not a whole non-negative number")
     return int(value)
+
+
+def format_count(n: int) -> str:
+    """1_000_000 → '1M', 1_500_000 → '1.5M', 250_000 → '250k': the inverse of `parse_count`, never rounded."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+        if n >= scale and (n * 10) % scale == 0:
+            return f"{n // scale}.{(n * 10 // scale) % 10}{unit}"
+    return str(n)

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import actstore.analytics as an
-from actstore import records as rec
+from actstore import run as rec
 
 N_BOOT, SEQ_LEN, BASE_SEQS, D_MODEL, D_SAE = 5000, 256, 200, 512, 4096
 SAES = [(layer, k, s) for layer in (1, 3, 5) for k in (8, 16, 32, 64) for s in (0, 1, 2)]  # 36
@@ -95,7 +95,7 @@ def ensure_records(root: Path, scale: int) -> Path:
     seq_fx, t0 = np.random.default_rng(n_seq).lognormal(0, 0.3, n_seq).astype(np.float32), time.perf_counter()
     for i, (layer, k, seed) in enumerate(SAES):
         sae_id = f"blocks.{layer}.hook_resid_post__k{k}_x8_1M_s{seed}"
-        rec.write_parts(run, sae_id, frames(layer, k, seed, n_seq, seq_fx))
+        rec.write_tables(run, sae_id, frames(layer, k, seed, n_seq, seq_fx))
         print(f"  generating x{scale}: {i + 1}/{len(SAES)} SAEs ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     marker.write_text(json.dumps(params))
     return run

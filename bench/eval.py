@@ -7,7 +7,7 @@ One SAE at a mid-depth hook, on the same batches, in one process, for float32 an
       plus the clean one, each patch through a hook;
   (b) bare: the passes eval needs — one prefix up to the hook, then the layers above it once for the
       clean activation and once per patch, up to the logits; nothing else (no log-softmax, CE, KL);
-  (c) `actstore.evaluate` end to end (metrics, records, reconstructions written).
+  (c) `actstore.steps.evaluate` end to end (metrics, records, reconstructions written).
 Goal: (c) ≥ 1.5× faster than (a) and within 1.15× of (b). Also the records' bytes per token per SAE.
 The last line is one JSON object of the headline figures.
 """
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from actstore import store as st
-from actstore.evaluate import EvalOptions, Patcher, evaluate
-from actstore.harvest import HarvestOptions, harvest
 from actstore.model import capture, load_model
 from actstore.sae import TopKSAE
+from actstore.steps.evaluate import EvalOptions, Patcher, evaluate
+from actstore.steps.harvest import HarvestOptions, harvest
 
 N_PATCHES = 5  # x̂, zero, ε-random, same-cosine, activation-difference
 

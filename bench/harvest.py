@@ -6,7 +6,7 @@
 Runs, in one process, on the same model, batches and tokens:
   1. the bare forward pass capturing nothing (the whole model, as a user would run it);
   2. the bare forward pass stopped after the last hooked layer (the least any harvest must pay);
-  3. `actstore.harvest` into a fresh store (tokenizing, capture, conversion, compression, writing, commits).
+  3. `actstore.steps.harvest` into a fresh store (tokenizing, capture, conversion, compression, writing, commits).
 Then writes the harvested activations with each codec and reports bytes/value, write speed and, for the
 lossy ones, the relative error. `pythia-70m-shape` is a randomly initialised GPT-NeoX with Pythia-70M's
 shape (d=512, 6 layers, 50k vocabulary), built locally: the compute profile of a real model, offline.
@@ -28,8 +28,8 @@ import zarr
 
 from actstore import store as st
 from actstore.corpus import CorpusOptions, token_sequences
-from actstore.harvest import HarvestOptions, harvest
 from actstore.model import capture, load_model, stop_layer
+from actstore.steps.harvest import HarvestOptions, harvest
 
 CODECS = ("none", "lz4", "zstd", "bitround-7", "bitround-5", "bitround-3")  # zstd is the default
 

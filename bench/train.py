@@ -9,7 +9,7 @@ shape, d = 512), each training step timed over the same in-memory batches after 
   2. the same with actstore's sparse decode and sparse backward (fp32, then the encoder matmul in bf16);
   3. EleutherAI's sparsify (`eai-sparsify`, run in its own venv by `--sparsify-python` when given) doing
      the same step (forward, FVU + AuxK loss, backward, decoder-norm upkeep, clipping, Adam);
-  4. a 4-SAE sweep (k = 16, 32, 64, 128) through `actstore.train` end to end: one shared data pass
+  4. a 4-SAE sweep (k = 16, 32, 64, 128) through `actstore.steps.train` end to end: one shared data pass
      versus four separate runs (wall time, and bytes read from the store).
 The last line is one JSON object of the headline figures.
 """
@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from actstore.harvest import HarvestOptions, harvest
 from actstore.loader import ActivationLoader, LoaderOptions
-from actstore.train import SAESpec, TrainOptions, _Trainee, sweep, train
+from actstore.run import SAESpec
+from actstore.sae import dense_decode
+from actstore.steps.harvest import HarvestOptions, harvest
+from actstore.steps.train import Trainee, TrainOptions, sweep, train
 
 HOOK = "blocks.3.hook_resid_post"
 
@@ -57,12 +59,14 @@ print(steps * batch / (time.perf_counter() - t))
 """
 
 
-def step_tokens_per_s(batches: list, k: int, expansion: int, options: TrainOptions) -> float:
+def step_tokens_per_s(batches: list, k: int, expansion: int, options: TrainOptions, dense: bool = False) -> float:
     """actstore's training step alone, like the sparsify loop below: warm-up, then timed steps."""
     import torch
 
     d = batches[0].shape[1]
-    t = _Trainee(SAESpec(HOOK, k, expansion, 10**12, 0), d, options, torch.zeros(d))
+    t = Trainee(SAESpec(HOOK, k, expansion, 10**12, 0), d, options, torch.zeros(d))
+    if dense:
+        t.sae.decode_rows = dense_decode
     t.train_step(batches[0])
     t0 = time.perf_counter()
     for b in batches[1:]:
@@ -94,7 +98,7 @@ def main() -> None:
         batches = list(ActivationLoader(store, HOOK, B * (steps + 1), LoaderOptions(batch_size=B)))
         rows = {}
         rows["dense decode (fp32)"] = step_tokens_per_s(
-            batches, args.k, args.expansion, TrainOptions(dense_decoder=True, **base)
+            batches, args.k, args.expansion, TrainOptions(**base), dense=True
         )
         rows["actstore sparse (fp32)"] = step_tokens_per_s(batches, args.k, args.expansion, TrainOptions(**base))
         rows["actstore sparse (bf16 encoder)"] = step_tokens_per_s(
@@ -146,7 +150,7 @@ def main() -> None:
         for name, tps in rows.items():
             print(f"{name:<34}{tps:>10,.0f}{tps / dense:>9.2f}x")
         print(
-            f"\n4-SAE sweep (k = {ks}, actstore.train end to end): shared pass {t_shared:.1f} s, four separate "
+            f"\n4-SAE sweep (k = {ks}, actstore.steps.train end to end): shared pass {t_shared:.1f} s, four separate "
             f"runs {t_separate:.1f} s ({t_separate / t_shared:.2f}x); the store is read once instead of 4 times "
             f"({budget * d * 2 / 1e6:.0f} MB, {t_read:.2f} s per pass here; the SAE steps dominate on a CPU)"
         )

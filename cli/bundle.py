@@ -1,17 +1,21 @@
-"""`actstore bundle create|verify`: pack a run's records for a collaborator, and check a bundle received."""
+"""`actstore bundle create|verify`: pack a run's records for a collaborator, and check a bundle received.
+
+Why a command line of its own: the sender creates and the receiver verifies against the same manifest, and
+neither should need Python to do it. The work is in actstore/steps/bundle.py; this is only its options.
+"""
 
 from __future__ import annotations
 
 import click
 
 
-@click.group(short_help="Pack a run's records (Parquet, README, checksummed manifest) into a bundle; verify one.")
+@click.group(short_help="Pack a run's records (Parquet, SQL, README, checksummed manifest) into a bundle; verify one.")
 def bundle() -> None:
-    """Bundles: a run's records in a directory, .tar or .zip that bare DuckDB reads, with a checksummed
-    manifest."""
+    """Bundles: a run's records in a directory, .tar or .zip that bare DuckDB reads, with the named queries and
+    a checksummed manifest."""
 
 
-@bundle.command(short_help="Pack RUN's records into OUT (a directory, or a single .tar/.zip file).")
+@bundle.command(short_help="Pack RUN's records and the SQL queries into OUT (a directory, or a .tar/.zip file).")
 @click.argument("run")
 @click.argument("out")
 @click.option("--with-saes", is_flag=True, help="Include the SAE weights (RUN/saes/<sae_id>/).")
@@ -21,10 +25,11 @@ def bundle() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 def create(run: str, out: str, with_saes: bool, with_recon: bool, overwrite: bool) -> None:
     """Pack RUN's Parquet records (same layout: `SELECT … FROM 'OUT/records/tokens/*/*.parquet'` works in bare
-    DuckDB), a README of the tables and example queries, and manifest.json (sha256 of every file, provenance)
+    DuckDB), the named queries (sql/) with views.sql (`cd OUT && duckdb -init views.sql`, then
+    `.read sql/summary.sql`), a README of the tables, and manifest.json (sha256 of every file, provenance)
     into OUT. An OUT ending in .tar or .zip becomes a single archive of the same files."""
-    from actstore.bundle import create as make
-    from actstore.bundle import listing
+    from actstore.steps.bundle import create as make
+    from actstore.steps.bundle import listing
 
     path = make(run, out, with_saes=with_saes, with_recon=with_recon, overwrite=overwrite)
     sizes = listing(str(path))
@@ -37,9 +42,9 @@ def create(run: str, out: str, with_saes: bool, with_recon: bool, overwrite: boo
 @click.argument("out")
 def verify(out: str) -> None:
     """Check OUT (a directory, .tar or .zip bundle) against its manifest.json: changed, missing and extra files."""
-    from actstore.bundle import listing
-    from actstore.bundle import verify as check
     from actstore.errors import StoreError
+    from actstore.steps.bundle import listing
+    from actstore.steps.bundle import verify as check
 
     problems = check(out)
     if problems:

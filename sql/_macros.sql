@@ -3,7 +3,7 @@
 
 -- boot_counts(n, n_boot, seed): the bootstrap's resamples of n sequences, one row per resample b with
 -- w[i] = how often sequence slot i (0-based, ordered by seq) was drawn; Σ w = n. Drawn with replacement
--- by a seeded hash, so the same query gives the same table (METHODS.md: 5,000 resamples of sequences).
+-- by a seeded hash, so the same query gives the same table (docs/METHODS.md: 5,000 resamples of sequences).
 -- The hash is hashed again: DuckDB's multi-argument hash has structured low bits (for b = 0 and 1 its
 -- parity is complementary across j), so `hash(seed, b, j) % n` alone is not a uniform draw for even n.
 -- A ratio statistic of a resample is then list_dot_product(w, per-sequence sums) over another such.
@@ -21,16 +21,20 @@ CREATE OR REPLACE MACRO boot_counts(n, n_boot, seed) AS TABLE
 -- ci(x): the 95% percentile interval of a bootstrap distribution, as [lo, hi].
 CREATE OR REPLACE MACRO ci(x) AS quantile_cont(x, [0.025, 0.975]);
 
--- sae_stats(min_pos, max_pos, n_boot, seed, boot_n): every ratio statistic of METHODS.md per SAE, from
+-- nan_sum(x): sum(x), but NaN where every value is NULL (a column missing from an older file's records),
+-- so a statistic over incomplete records is NaN rather than a silent partial sum.
+CREATE OR REPLACE MACRO nan_sum(x) AS coalesce(sum(x), 'NaN'::DOUBLE);
+
+-- sae_stats(min_pos, max_pos, n_boot, seed, boot_n): every ratio statistic of docs/METHODS.md per SAE, from
 -- sums over the tokens at positions min_pos…max_pos: one row with b = -1 on all sequences, then one row
 -- per resample b of the SAEs evaluated on boot_n sequences (the same draws for all of them: paired).
 CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TABLE
     WITH per_seq AS (  -- the bootstrap's unit: one row of sums per SAE and sequence
         SELECT sae_id, seq,
             count(*)::DOUBLE AS n, count(kl_patched)::DOUBLE AS n_kl,
-            sum(sse) AS sse, sum(sst) AS sst, sum(ce_orig) AS ce_orig, sum(ce_patched) AS ce_patched,
-            sum(ce_zero) AS ce_zero, sum(kl_patched) AS kl, sum(kl_zero) AS kl_zero, sum(cos) AS cos,
-            sum(relerr) AS relerr, sum(l0) AS l0, sum(rate_bits) AS rate
+            nan_sum(sse) AS sse, nan_sum(sst) AS sst, nan_sum(ce_orig) AS ce_orig, nan_sum(ce_patched) AS ce_patched,
+            nan_sum(ce_zero) AS ce_zero, nan_sum(kl_patched) AS kl, nan_sum(kl_zero) AS kl_zero, nan_sum(cos) AS cos,
+            nan_sum(relerr) AS relerr, nan_sum(l0) AS l0, nan_sum(rate_bits) AS rate
         FROM tokens
         WHERE pos BETWEEN min_pos AND max_pos
         GROUP BY ALL
@@ -78,3 +82,20 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
 
 -- boot_n(): the most common number of evaluated sequences per SAE: the SAEs whose CIs are computed.
 CREATE OR REPLACE MACRO boot_n() AS (SELECT mode(n) FROM (SELECT count(DISTINCT seq) AS n FROM tokens GROUP BY sae_id));
+
+-- baseline_kl(): the KL of every token under the SAE's patch and under each baseline, one row per
+-- (token, baseline). The baselines are the tokens table's kl_* columns other than kl_patched and kl_zero:
+-- the list in actstore/tables.py (BASELINES) decides which columns eval writes, and this reads them
+-- whatever they are. NULL KLs (the last position) are left out.
+CREATE OR REPLACE MACRO baseline_kl() AS TABLE
+    SELECT sae_id, seq, pos, token, kl_patched, replace(baseline, 'kl_', '') AS baseline, kl_base
+    FROM (
+        UNPIVOT (SELECT sae_id, seq, pos, token, kl_patched,
+                     COLUMNS(lambda c: starts_with(c, 'kl_') AND c NOT IN ('kl_patched', 'kl_zero'))
+                 FROM tokens WHERE kl_patched IS NOT NULL)
+        ON COLUMNS(lambda c: starts_with(c, 'kl_') AND c NOT IN ('kl_patched', 'kl_zero'))
+        INTO NAME baseline VALUE kl_base
+    );
+
+-- mismatch(d_r2, d_ce_rec): study 000's indicator: R² improves while behaviour (CE_rec) gets worse.
+CREATE OR REPLACE MACRO mismatch(d_r2, d_ce_rec) AS d_r2 > 0 AND d_ce_rec < 0;

@@ -22,7 +22,7 @@ deltas AS (
 )
 SELECT model, layer, hook, k, expansion, getvariable('ref_tokens') AS ref_tokens, train_tokens,
     count(*) AS n_seeds, avg(r2) AS r2, avg(d_r2) AS d_r2, avg(ce_rec) AS ce_rec, avg(d_ce_rec) AS d_ce_rec,
-    avg((d_r2 > 0 AND d_ce_rec < 0)::INTEGER) AS mismatch_rate
+    avg(mismatch(d_r2, d_ce_rec)::INTEGER) AS mismatch_rate
 FROM deltas
 GROUP BY ALL
 ORDER BY model, layer, k, train_tokens;

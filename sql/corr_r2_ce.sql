@@ -1,7 +1,7 @@
 -- corr_r2_ce: per model and depth, does a higher R² go with a higher CE_rec across the sweep?
 -- Reads: tokens, saes.
 -- pooled: Pearson correlation of the SAEs' R² and CE_rec. within_k: the same after subtracting each k's
---   mean from both (METHODS.md), so the trend that k drives both is taken out; NULL with one SAE per k.
+--   mean from both (docs/METHODS.md), so the trend that k drives both is taken out; NULL with one SAE per k.
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted
 

@@ -2,7 +2,7 @@
 -- Pairs are SAEs evaluated on the same tokens (same store, seq, pos).
 -- Reads: tokens, saes.
 -- corr: Pearson correlation of ‖e_i‖ and ‖e_j‖ over all tokens. heldout_r2: least squares
---   ‖e_j‖ ≈ a·‖e_i‖ + c fitted on even sequences, R² on odd ones (METHODS.md). High values across
+--   ‖e_j‖ ≈ a·‖e_i‖ + c fitted on even sequences, R² on odd ones (docs/METHODS.md). High values across
 --   different k or depths say the error is a property of the token, not of one dictionary.
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted
@@ -29,7 +29,7 @@ scored AS (
     WHERE NOT p.fit
     GROUP BY ALL
 )
-SELECT si.hook AS hook_i, si.k AS k_i, sj.hook AS hook_j, sj.k AS k_j, sc.corr, sc.heldout_r2, sc.n_test,
+SELECT si.hook AS hook_i, si.layer AS layer_i, si.k AS k_i, sj.hook AS hook_j, sj.layer AS layer_j, sj.k AS k_j, sc.corr, sc.heldout_r2, sc.n_test,
     sc.sae_i, sc.sae_j
 FROM scored AS sc
 JOIN saes AS si ON si.sae_id = sc.sae_i

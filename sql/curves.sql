@@ -4,8 +4,8 @@
 --   of latents firing in the batch), lr, aux_loss; `every` thins the rows for plotting.
 SET VARIABLE every = coalesce(getvariable('every'), 1);  -- keep every n-th logged step
 
-SELECT c.sae_id, s.hook, s.k, c.* EXCLUDE (sae_id)
+SELECT c.sae_id, s.layer, s.hook, s.k, c.* EXCLUDE (sae_id)
 FROM curves AS c
 LEFT JOIN saes AS s USING (sae_id)
 QUALIFY (row_number() OVER (PARTITION BY c.sae_id ORDER BY c.step) - 1) % getvariable('every') = 0
-ORDER BY c.sae_id, c.step;
+ORDER BY s.layer, s.hook, s.k, c.sae_id, c.step;

@@ -1,6 +1,6 @@
 -- delta: ΔR² and ΔCE_rec between two models (or two token budgets) at matched hook, k and seed, with CIs.
 -- Reads: tokens, saes.
--- Δ = X(b) − X(a) (METHODS.md); its CI is the 2.5/97.5 percentiles of Δ over paired resamples (the same
+-- Δ = X(b) − X(a) (docs/METHODS.md); its CI is the 2.5/97.5 percentiles of Δ over paired resamples (the same
 --   sequence draws on both sides). mismatch = [ΔR² > 0 and ΔCE_rec < 0]: R² improves while behaviour
 --   gets worse; mismatch_rate is its mean over the seeds of that (hook, k, expansion) cell. SAEs without a
 --   seed or budget in their config (external ones) cannot be matched and are left out.
@@ -56,7 +56,7 @@ SELECT
     (SELECT a FROM chosen) AS a, (SELECT b FROM chosen) AS b, fixed AS matched, hook, layer, k, expansion, seed,
     r2_a, r2_b, d_r2, ci_r2[1] AS d_r2_lo, ci_r2[2] AS d_r2_hi,
     ce_rec_a, ce_rec_b, d_ce_rec, ci_ce_rec[1] AS d_ce_rec_lo, ci_ce_rec[2] AS d_ce_rec_hi,
-    d_r2 > 0 AND d_ce_rec < 0 AS mismatch,
-    avg((d_r2 > 0 AND d_ce_rec < 0)::INTEGER) OVER (PARTITION BY hook, k, expansion, fixed) AS mismatch_rate
+    mismatch(d_r2, d_ce_rec) AS mismatch,
+    avg(mismatch(d_r2, d_ce_rec)::INTEGER) OVER (PARTITION BY hook, k, expansion, fixed) AS mismatch_rate
 FROM cells
 ORDER BY layer, hook, k, expansion, fixed, seed;

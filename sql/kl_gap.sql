@@ -1,17 +1,14 @@
 -- kl_gap: is the SAE's error worse for behaviour than a random error of the same size? Per SAE and baseline.
 -- Reads: tokens, saes.
--- gap = mean KL under the SAE / mean KL under the baseline (METHODS.md), baselines: eps (isotropic at the
---   same L2 distance), samecos (random with the SAE's cosine), actdiff (direction of a real activation
---   difference). Per-token view: p10/p50/p90 of kl_sae/kl_baseline over tokens with kl_baseline > 0, and
+-- gap = mean KL under the SAE / mean KL under the baseline (docs/METHODS.md), for every baseline eval
+--   wrote (baseline_kl in _macros.sql): eps (isotropic at the same L2 distance), samecos (random with
+--   the SAE's cosine), actdiff (direction of a real activation difference). Per-token view: p10/p50/p90 of kl_sae/kl_baseline over tokens with kl_baseline > 0, and
 --   the share of tokens where the SAE is worse. A gap above 1: the SAE's errors point where it hurts.
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted
 
 WITH long AS (
-    UNPIVOT (SELECT sae_id, kl_patched, kl_eps, kl_samecos, kl_actdiff FROM tokens
-             WHERE pos BETWEEN getvariable('min_pos') AND getvariable('max_pos') AND kl_patched IS NOT NULL)
-    ON kl_eps AS 'eps', kl_samecos AS 'samecos', kl_actdiff AS 'actdiff'
-    INTO NAME baseline VALUE kl_base
+    FROM baseline_kl() WHERE pos BETWEEN getvariable('min_pos') AND getvariable('max_pos')
 )
 SELECT s.sae_id, s.model, s.layer, s.hook, s.k, l.baseline,
     avg(l.kl_patched) AS kl_sae, avg(l.kl_base) AS kl_baseline, avg(l.kl_patched) / avg(l.kl_base) AS gap,

@@ -6,11 +6,7 @@
 SET VARIABLE bucket = coalesce(getvariable('bucket'), 16);  -- positions per row
 SET VARIABLE k = coalesce(getvariable('k'), NULL);          -- only SAEs with this k (NULL: all)
 
-WITH long AS (
-    UNPIVOT (SELECT sae_id, pos, kl_patched, kl_eps, kl_samecos, kl_actdiff FROM tokens WHERE kl_patched IS NOT NULL)
-    ON kl_eps AS 'eps', kl_samecos AS 'samecos', kl_actdiff AS 'actdiff'
-    INTO NAME baseline VALUE kl_base
-)
+WITH long AS (FROM baseline_kl())
 SELECT s.model, s.layer, s.hook, l.baseline,
     (l.pos // getvariable('bucket')) * getvariable('bucket') AS pos_from,
     (l.pos // getvariable('bucket')) * getvariable('bucket') + getvariable('bucket') - 1 AS pos_to,

@@ -4,15 +4,10 @@
 --   seen fewer than min_count times are skipped, so the list is not rare-token noise.
 SET VARIABLE min_count = coalesce(getvariable('min_count'), 20);  -- fewest occurrences counted
 SET VARIABLE top = coalesce(getvariable('top'), 10);              -- rows per hook and baseline
-SET VARIABLE baseline = coalesce(getvariable('baseline'), 'eps'); -- eps, samecos or actdiff
+SET VARIABLE baseline = coalesce(getvariable('baseline'), 'eps'); -- a baseline of kl_gap (eps, samecos, actdiff)
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);       -- first position counted
 
-WITH long AS (
-    UNPIVOT (SELECT sae_id, token, kl_patched, kl_eps, kl_samecos, kl_actdiff FROM tokens
-             WHERE pos >= getvariable('min_pos') AND kl_patched IS NOT NULL)
-    ON kl_eps AS 'eps', kl_samecos AS 'samecos', kl_actdiff AS 'actdiff'
-    INTO NAME baseline VALUE kl_base
-),
+WITH long AS (FROM baseline_kl() WHERE pos >= getvariable('min_pos')),
 per_token AS (
     SELECT s.model, s.hook, l.baseline, l.token, count(*) AS n,
         avg(l.kl_patched) AS kl_sae, avg(l.kl_base) AS kl_baseline, avg(l.kl_patched) / avg(l.kl_base) AS gap

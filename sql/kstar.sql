@@ -2,7 +2,7 @@
 -- The ratio divides by the reference model's k*(t) at the same layer and target.
 -- Reads: tokens, saes.
 -- One curve per model, hook, expansion and token budget: CE_rec averaged over seeds per k; k* interpolates linearly in k between the last k below t and the
---   first k at or above it (METHODS.md). NULL when no k of the sweep reaches t; the smallest k when it
+--   first k at or above it (docs/METHODS.md). NULL when no k of the sweep reaches t; the smallest k when it
 --   already does (below_sweep = true: k* is at most that).
 SET VARIABLE targets = coalesce(getvariable('targets'), '0.95,0.97,0.98,0.99');  -- comma-separated CE_rec targets
 SET VARIABLE ref_model = coalesce(getvariable('ref_model'), (SELECT min(model) FROM saes));  -- the ratio's denominator

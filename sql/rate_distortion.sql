@@ -1,6 +1,6 @@
 -- rate_distortion: per SAE, the rate proxy (bits/token) against the two distortions, 1 − R² and 1 − CE_rec.
 -- Reads: tokens, saes.
--- Rate: Σ over active latents of −log₂ p_i plus 8 bits per value (METHODS.md). A sweep traces a curve
+-- Rate: Σ over active latents of −log₂ p_i plus 8 bits per value (docs/METHODS.md). A sweep traces a curve
 --   per hook; an SAE up and to the right of its neighbours is dominated.
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted

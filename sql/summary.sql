@@ -1,4 +1,4 @@
--- summary: per SAE, the headline numbers of METHODS.md with bootstrap 95% CIs over sequences.
+-- summary: per SAE, the headline numbers of docs/METHODS.md with bootstrap 95% CIs over sequences.
 -- Reads: tokens, saes, latents (all positions) or codes (a position range).
 -- Columns: r2, ce_rec (the seeds' 2 − L_sae/L_orig), ce_loss_recovered (SAELens's), kl (mean KL(P‖Q_sae)),
 --   kl_score ((KL_zero − KL_sae)/KL_zero), cos, relerr, mse (mean ‖e‖²/d), l0, rate_bits (rate proxy
@@ -9,6 +9,7 @@
 --   sequence count and resample the same sequences for all of them (paired); others get NULL.
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted
+SET VARIABLE all_pos = getvariable('min_pos') = 0 AND getvariable('max_pos') >= 32767;  -- pos is a SMALLINT: ≤ 32767
 SET VARIABLE n_boot = coalesce(getvariable('n_boot'), 5000);       -- bootstrap resamples
 SET VARIABLE seed = coalesce(getvariable('seed'), 0);              -- seed of the resampling
 SET VARIABLE boot_n = boot_n();
@@ -25,12 +26,11 @@ intervals AS (
 ),
 alive AS (  -- over every position: the latents table's firing counts; else the codes at those positions
     SELECT sae_id, count(*) FILTER (WHERE fires > 0) AS n_alive
-    FROM latents WHERE getvariable('min_pos') = 0 AND getvariable('max_pos') >= 32767
+    FROM latents WHERE getvariable('all_pos')
     GROUP BY sae_id
     UNION ALL
     SELECT sae_id, count(DISTINCT latent) AS n_alive
-    FROM codes WHERE pos BETWEEN getvariable('min_pos') AND getvariable('max_pos')
-        AND NOT (getvariable('min_pos') = 0 AND getvariable('max_pos') >= 32767)
+    FROM codes WHERE pos BETWEEN getvariable('min_pos') AND getvariable('max_pos') AND NOT getvariable('all_pos')
     GROUP BY sae_id
 )
 SELECT

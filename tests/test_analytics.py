@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from actstore import records as rec
+from actstore import run as rec
 from actstore.analytics import named_queries, query, sql
 from actstore.cli.main import main
 from actstore.errors import UsageError
@@ -84,7 +84,7 @@ def _write_sae(run, sae_id, hook, k, seed, tokens_frame, model="m", tokens=1000,
             "value": np.ones(2 * len(tokens_frame), dtype=np.float32),
         }
     )
-    rec.write_parts(
+    rec.write_tables(
         run,
         sae_id,
         {"tokens": tokens_frame, "saes": _saes_row(sae_id, hook, k, seed, model, tokens), "codes": codes},
@@ -318,7 +318,7 @@ def test_sql_cli_lists_queries_runs_them_and_writes_files(sweep_run, tmp_path):
 
 
 def test_a_bundle_answers_like_its_run(sweep_run, tmp_path):
-    from actstore.bundle import create
+    from actstore.steps.bundle import create
 
     for name in ("b", "b.tar", "b.zip"):
         out = create(sweep_run, str(tmp_path / name))
@@ -353,18 +353,23 @@ def test_budgets_order_as_numbers_and_counts_parse_in_params(tmp_path):
         query(run, "delta", compare="tokens")
 
 
-def test_records_with_extra_columns_and_runs_without_tokens_still_answer(sweep_run, tmp_path):
+def test_records_of_an_older_schema_and_runs_without_tokens_still_answer(sweep_run, tmp_path):
     import shutil
+
+    from actstore.analytics import why_empty
 
     run = str(tmp_path / "run")
     shutil.copytree(sweep_run, run)
     sae = f"{HOOKS[0]}__k8_s0"
-    t = _frame(run, sae).drop("sae_id").with_columns(ce_linear=pl.col("ce_patched"), kl_linear=pl.col("kl_patched"))
-    rec.write_parts(run, sae, {"tokens": t})  # only this SAE was evaluated with --darkmatter
-    assert sql(run, "SELECT count(ce_linear) AS n FROM tokens")["n"][0] == t["ce_linear"].count()
+    t = _frame(run, sae).drop("sae_id", "rate_bits")  # a file written before rate_bits existed
+    t.write_parquet(rec.part_path(run, "tokens", sae))
+    assert (
+        sql(run, "SELECT count(rate_bits) AS n FROM tokens")["n"][0]
+        == rec.read_table(sweep_run, "tokens").height - t.height
+    )
     assert query(run, "summary", n_boot=10).height == rec.read_table(run, "saes").height
     curves_only = tmp_path / "curves_only"
-    rec.write_parts(curves_only, "x", {"curves": pl.DataFrame({"step": [1, 2], "mse": [0.5, 0.4]})})
+    rec.write_tables(curves_only, "x", {"curves": pl.DataFrame({"step": [1, 2], "mse": [0.5, 0.4]})})
     assert sql(str(curves_only), "SELECT count(*) AS n FROM curves")["n"][0] == 2
-    with pytest.raises(UsageError, match="actstore darkmatter"):
-        query(str(curves_only), "darkmatter")
+    assert query(str(curves_only), "darkmatter").is_empty()
+    assert "actstore darkmatter RUN" in why_empty(str(curves_only), "darkmatter")

@@ -18,15 +18,19 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from actstore import bundle
-from actstore import records as rec
+import actstore
+from actstore import run as rundir
 from actstore.cli.bundle import bundle as bundle_cli
 from actstore.errors import StoreError, UsageError
+from actstore.steps import bundle
+from actstore.tables import SCHEMA_VERSION, TABLES
 
 SAE_IDS = ("blocks.1.hook_resid_post__k4_x2_s0", "blocks.3.hook_resid_post__k8_x2_s0")
 N_SEQ, SEQ_LEN, D = 3, 4, 2
 KINDS = ("", ".tar", ".zip")  # a directory bundle, then the two archives
 TOKENS_PART = f"records/tokens/sae_id={SAE_IDS[0]}/part-0.parquet"
+LAYERS_PART = "records/layers/store_key=somekey/part-0.parquet"
+FLOATS = [c.name for c in TABLES["tokens"].columns if c.type == "FLOAT"]  # the rest of a tokens row: 1.0
 
 
 def _hook(sae_id: str) -> str:
@@ -35,7 +39,8 @@ def _hook(sae_id: str) -> str:
 
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
-    """Two evaluated SAEs: records of four tables (one partitioned by hook), an eval store with recon, fake weights."""
+    """Two evaluated SAEs: records of four tables (one keyed by store), an eval store with recon, fake weights,
+    and the leftovers of a killed eval and a killed training."""
     store = tmp_path / "eval.zarr"
     group = zarr.open_group(str(store), mode="w", zarr_format=3)
     group.attrs.update(
@@ -52,18 +57,21 @@ def run(tmp_path: Path) -> Path:
         tokens = pl.DataFrame(
             {"seq": seq, "pos": pos, "token": seq * SEQ_LEN + pos, "sse": [0.5] * len(seq), "sst": [2.0] * len(seq)}
         ).with_columns(ce_orig=pl.lit(3.0), ce_patched=pl.lit(3.0 + i), store=pl.lit(str(store)))
+        tokens = tokens.with_columns(pl.lit(1.0).alias(c) for c in FLOATS if c not in tokens.columns)
         saes = pl.DataFrame({"model": ["tiny"], "hook": [_hook(sae_id)], "k": [4 * (i + 1)], "d_sae": [4]})
         evals = pl.DataFrame({"store": [str(store)], "n_seq": [N_SEQ]})
-        rec.write_parts(run, sae_id, {"saes": saes, "tokens": tokens, "evals": evals})
+        rundir.write_tables(run, sae_id, {"saes": saes, "tokens": tokens, "evals": evals})
         (run / "saes" / sae_id).mkdir(parents=True)
         (run / "saes" / sae_id / "cfg.json").write_text(json.dumps({"k": 4 * (i + 1), "hook_name": _hook(sae_id)}))
         (run / "saes" / sae_id / "sae_weights.safetensors").write_bytes(bytes([i]) * 64)
-    layers = run / "records" / "layers" / "hook=blocks.1.hook_resid_post" / "part-0.parquet"
-    layers.parent.mkdir(parents=True)
-    pl.DataFrame({"layer": [1], "participation_ratio": [3.5]}).write_parquet(layers)
-    leftover = run / "records" / "tokens" / "sae_id=killed.partial" / "part-0.parquet"  # a killed eval's leftovers
-    leftover.parent.mkdir()
-    leftover.write_bytes(layers.read_bytes())
+    rundir.write_tables(
+        run, "somekey", {"layers": pl.DataFrame({"hook": [_hook(SAE_IDS[0])], "layer": [1], "pr": [3.5]})}
+    )
+    for leftover in ("sae_id=killed.partial", "sae_id=replaced.old"):  # a killed eval's leftovers
+        (run / "records" / "tokens" / leftover).mkdir()
+        (run / "records" / "tokens" / leftover / "part-0.parquet").write_bytes((run / LAYERS_PART).read_bytes())
+    (run / "saes" / f"{SAE_IDS[0]}.partial").mkdir()  # a killed training's
+    (run / "saes" / f"{SAE_IDS[0]}.partial" / "cfg.json").write_text("{}")
     (run / "run.json").write_text(json.dumps({"store": "train.zarr", "model": "tiny"}))
     return run
 
@@ -107,6 +115,13 @@ def _rewrite(path: Path, edit) -> None:
                     zf.write(root / name, arcname=name)
 
 
+def _bare_python(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter in the bundle directory `cwd`, as a collaborator without actstore would."""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """open_bundle's extraction cache goes under this test's tmp_path, not the machine's /tmp."""
@@ -119,15 +134,15 @@ def test_fresh_bundle_verifies_clean(run, tmp_path, kind):
     out = _make(run, tmp_path, kind)
     assert out.is_dir() == (kind == "")
     assert bundle.verify(str(out)) == []
-    assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".partial.d").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.zarr", "run", "tmp", out.name])
 
 
 def test_bundle_copies_every_record_file_at_its_path_and_skips_staging_leftovers(run, tmp_path):
     out = _make(run, tmp_path)
-    wanted = {p.relative_to(run).as_posix() for p in (run / "records").rglob("*.parquet") if ".partial" not in str(p)}
+    wanted = {p.relative_to(run).as_posix() for t in TABLES for p in rundir.part_files(run, t)}
     got = {p.relative_to(out).as_posix() for p in (out / "records").rglob("*.parquet")}
-    assert got == wanted
-    assert "records/layers/hook=blocks.1.hook_resid_post/part-0.parquet" in got
+    assert got == wanted and len(got) == 3 * len(SAE_IDS) + 1
+    assert LAYERS_PART in got and not any("killed" in name or "replaced" in name for name in got)
     assert (out / TOKENS_PART).read_bytes() == (run / TOKENS_PART).read_bytes()
 
 
@@ -137,7 +152,8 @@ def test_manifest_lists_every_file_with_sha_and_size_and_the_provenance(run, tmp
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk and "README.md" in on_disk
     assert manifest["files"][TOKENS_PART]["size"] == (out / TOKENS_PART).stat().st_size
-    assert manifest["schema_version"] == rec.SCHEMA_VERSION
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert {"views.sql", "sql/_macros.sql", "sql/summary.sql"} <= set(manifest["files"])
     provenance = manifest["provenance"]
     assert provenance["run"] == {"store": "train.zarr", "model": "tiny"}
     assert [attrs["corpus"]["split"] for attrs in provenance["stores"].values()] == ["eval"]
@@ -184,19 +200,68 @@ def test_bare_duckdb_reads_the_records_with_their_partitions(run, tmp_path):
         "FROM read_parquet('records/tokens/*/*.parquet', hive_partitioning = true)\")\n"
         "print(rel.fetchall()[0]); assert 'actstore' not in sys.modules\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=out, capture_output=True, text=True, check=True)
+    done = _bare_python(script, out)
     assert done.stdout.strip() == str((2 * N_SEQ * SEQ_LEN, list(SAE_IDS)))
 
 
-def test_readme_describes_the_tables_and_its_queries_run_in_bare_duckdb(run, tmp_path):
+def test_readme_describes_the_tables_from_the_schema_and_states_no_formula(run, tmp_path):
     out = _make(run, tmp_path)
     readme = (out / "README.md").read_text()
-    for heading in ("### tokens", "### saes", "### evals", "### layers", "| sse | DOUBLE |", "| sae_id | VARCHAR |"):
-        assert heading in readme
-    queries = re.findall(r"```sql\n(.*?)```", readme, re.S)
-    assert len(queries) == 3
-    script = "import duckdb, sys\nfor q in sys.argv[1:]:\n    assert duckdb.sql(q).fetchall(), q\n"
-    subprocess.run([sys.executable, "-c", script, *queries], cwd=out, capture_output=True, text=True, check=True)
+    for table in ("tokens", "saes", "evals", "layers"):
+        assert f"### {table}\n\n{TABLES[table].about[0].upper()}{TABLES[table].about[1:]}" in readme
+    for row in (
+        "| sse | FLOAT | ‖e‖² |",
+        "| sae_id | VARCHAR | partition key",
+        "| store_key | VARCHAR |",
+        "| pr | DOUBLE |",
+    ):
+        assert row in readme
+    assert "### codes" not in readme and "partitioned by store_key" in readme
+    assert "duckdb -init views.sql" in readme and ".read sql/summary.sql" in readme
+    assert "docs/METHODS.md" in readme and "`sql/kl_gap.sql`" in readme
+    assert "sum(sse)" not in readme and "ce_patched" not in readme.split("## Querying")[1]
+
+
+def test_readme_plain_query_runs_in_bare_duckdb(run, tmp_path):
+    out = _make(run, tmp_path)
+    (query,) = re.findall(r"```sql\n(.*?)```", (out / "README.md").read_text(), re.S)
+    script = "import duckdb, sys\nprint(duckdb.sql(sys.argv[1]).fetchall())\nassert 'actstore' not in sys.modules\n"
+    done = _bare_python(script, out, query)
+    assert done.stdout.strip() == str([(sae_id, N_SEQ * SEQ_LEN) for sae_id in SAE_IDS])
+
+
+def test_bundle_ships_the_sql_library_as_packaged(run, tmp_path):
+    out = _make(run, tmp_path)
+    shipped = {q.name: q.text for q in actstore.analytics.named_queries().values()}
+    assert {p.stem: p.read_text() for p in (out / "sql").glob("*.sql") if p.stem != "_macros"} == shipped
+    assert (out / "sql" / "_macros.sql").read_text() == actstore.analytics.macros()
+    views = (out / "views.sql").read_text()
+    assert str(tmp_path) not in views and "read_parquet('records/tokens/*/*.parquet'" in views
+    assert actstore.analytics.macros() in views
+
+
+def test_views_and_summary_run_in_bare_duckdb_and_match_actstore_query(run, tmp_path):
+    out = _make(run, tmp_path, ".tar")
+    script = (
+        "import json, sys, duckdb\n"
+        "con = duckdb.connect()\n"
+        "con.execute(open('views.sql').read())\n"
+        "con.execute('SET VARIABLE n_boot = 50')\n"
+        "rel = con.sql(open('sql/summary.sql').read())\n"
+        "rows = [dict(zip(rel.columns, row)) for row in rel.fetchall()]\n"
+        "empty = con.sql('SELECT count(*), count(latent) FROM codes').fetchall()[0]\n"
+        "print(json.dumps({'summary': {r['sae_id']: [r['r2'], r['ce_rec']] for r in rows}, 'empty': empty}))\n"
+        "assert 'actstore' not in sys.modules\n"
+    )
+    cwd = bundle.open_bundle(str(out))
+    done = _bare_python(script, cwd)
+    got = json.loads(done.stdout)
+    assert got["empty"] == [0, 0]  # a table the bundle lacks is an empty view with its columns
+    ours = actstore.query(str(run), "summary", n_boot=50)
+    assert sorted(got["summary"]) == sorted(ours["sae_id"]) == sorted(SAE_IDS)
+    for sae_id, r2, ce_rec in ours.select("sae_id", "r2", "ce_rec").rows():
+        assert got["summary"][sae_id] == pytest.approx([r2, ce_rec])
+    assert ours["r2"].to_list() == pytest.approx([0.75, 0.75]) and sorted(ours["ce_rec"]) == pytest.approx([2 / 3, 1])
 
 
 def test_create_refuses_an_existing_out_and_leaves_it_untouched(run, tmp_path):
@@ -231,6 +296,7 @@ def test_with_saes_includes_the_weights(run, tmp_path, kind):
     weights = f"saes/{SAE_IDS[1]}/sae_weights.safetensors"
     assert weights in _manifest(out)["files"] and f"saes/{SAE_IDS[0]}/cfg.json" in bundle.listing(str(out))
     assert (bundle.open_bundle(str(out)) / weights).read_bytes() == (run / weights).read_bytes()
+    assert not any(".partial" in name for name in bundle.listing(str(out)))
     assert bundle.verify(str(out)) == []
 
 

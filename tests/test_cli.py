@@ -159,7 +159,7 @@ def test_failed_overwrite_leaves_the_old_store_as_it_was(small_store, tmp_path):
 def test_a_store_killed_while_being_created_is_resumed_not_bricked(tmp_path):
     import zarr
 
-    from actstore.harvest import HarvestOptions, harvest
+    from actstore.steps.harvest import HarvestOptions, harvest
 
     out = str(tmp_path / "s.zarr")
     opts = HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=8)
@@ -176,7 +176,7 @@ def test_every_step_is_also_a_python_function_of_the_package():
         assert callable(getattr(actstore, name)), name
     for name in ("report", "demo"):
         assert callable(getattr(actstore, name)), name
-    assert callable(actstore.bundle.create) and callable(actstore.bundle.verify)
+    assert callable(actstore.steps.bundle.create) and callable(actstore.steps.bundle.verify)
 
 
 def test_readme_cli_reference_names_every_command_and_option():
@@ -205,7 +205,7 @@ def test_readme_cli_reference_names_every_command_and_option():
 
 
 def test_layers_cli_writes_one_partition_per_store_and_checks_its_options(small_store, tmp_path):
-    from actstore.records import read_table
+    from actstore.run import read_table
 
     run = str(tmp_path / "run")
     bad = run_cli("layers", small_store, "--run", run, "--max-seqs", "0")

@@ -15,11 +15,13 @@ from safetensors.torch import save_file
 from actstore import store as st
 from actstore.analytics import query
 from actstore.errors import StoreError, UsageError
-from actstore.evaluate import CleanDistribution, EvalOptions, Patcher, evaluate, perturbations
+from actstore.metrics import baselines
 from actstore.model import capture, load_model
-from actstore.records import read_table
+from actstore.patching import CleanDistribution, Patcher
+from actstore.run import SAESpec, read_table
 from actstore.saeio import load_eval_sae
-from actstore.train import SAESpec, TrainOptions, train
+from actstore.steps.evaluate import EvalOptions, evaluate
+from actstore.steps.train import TrainOptions, train
 
 from .conftest import HOOKS
 
@@ -94,7 +96,7 @@ def test_baselines_have_the_saes_error_norm_and_cosine():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 16) * 3
     xh = x + torch.randn(500, 16)
-    p = perturbations(x, xh, gen)
+    p = baselines(x, xh, gen)
     err = (x - xh).norm(dim=-1)
     torch.testing.assert_close((p["eps"] - x).norm(dim=-1), err)
     torch.testing.assert_close((p["actdiff"] - x).norm(dim=-1), err)
@@ -152,7 +154,8 @@ def test_external_relu_and_jumprelu_saes_are_evaluated(evaluated, tmp_path, arch
     path = _external(tmp_path, arch)
     sae = load_eval_sae(path)
     x = torch.randn(10, 128)
-    z = sae.latents(x)
+    codes = sae.encode(x)
+    z = torch.zeros(10, sae.d_sae).scatter(1, codes.top_indices, codes.top_acts)
     pre = x @ sae.W_enc + sae.b_enc
     expected = pre.relu() if arch == "standard" else pre * (pre > 0.5)
     torch.testing.assert_close(z, expected)
@@ -215,29 +218,46 @@ def test_eval_writes_the_participation_ratio_of_every_hook_of_its_store(evaluate
         assert row["variance"] == pytest.approx(lam.sum(), rel=1e-6)
 
 
-def test_darkmatter_fits_probes_and_eval_patches_with_them(evaluated, tmp_path):
-    from actstore.darkmatter import darkmatter, probe_path
+def test_darkmatter_fits_probes_and_patches_the_held_out_sequences(evaluated, tmp_path):
+    from actstore.run import probe_path
+    from actstore.steps.darkmatter import DarkmatterOptions, darkmatter
 
     store, run0 = evaluated
     run = str(tmp_path / "run")
     shutil.copytree(run0, run)
-    with pytest.raises(UsageError, match="actstore darkmatter"):
-        evaluate(store, run, options=EvalOptions(batch_size=8, max_seqs=4, darkmatter=True))
-    table = darkmatter(run)
+    table = darkmatter(run, DarkmatterOptions(batch_size=4))
     assert table.height == 2 and table["vector_r2"].is_between(-1, 1).all()
-    # a zero probe makes "x̂ + LinearError" exactly x̂, and "x̂ + NonlinearError" the stored x
-    for sae_id in table["sae_id"]:
-        w = load_eval_sae(str(__import__("pathlib").Path(run) / "saes" / sae_id)).d_in
-        save_file({"W": torch.zeros(w, w), "b": torch.zeros(w)}, str(probe_path(run, sae_id)))
-    evaluate(store, run, options=EvalOptions(batch_size=8, max_seqs=4, darkmatter=True))
-    t = read_table(run, "tokens").drop_nulls("ce_orig")
-    assert (t["ce_linear"] == t["ce_patched"]).all() and (t["kl_linear"] == t["kl_patched"]).all()
-    np.testing.assert_allclose(t["ce_nonlinear"], t["ce_orig"], atol=5e-3)  # x as stored in float16
-    assert query(run, "darkmatter_patch").height == 2
+    assert all(probe_path(run, sae_id).is_file() for sae_id in table["sae_id"])
+    patched = read_table(run, "darkmatter_tokens")
+    n_seq = read_table(run, "evals")["n_seq"][0]
+    assert set(patched["seq"].unique()) == set(range(1, n_seq, 2))  # held out: the probes fit the even ones
+    tokens = read_table(run, "tokens")
+    joined = patched.join(tokens, on=["sae_id", "store", "seq", "pos"]).drop_nulls("ce_orig")
+    # x̂ + NonlinearError = x − LinearError: a better patch than x̂ alone when the probe explains anything
+    assert joined["ce_linear"].mean() < joined["ce_patched"].mean() + 1e-3
+    dm = query(run, "darkmatter_patch")
+    assert dm.height == 2 and dm["closed_linear"].is_not_null().all()
+
+
+def test_a_zero_probe_patches_exactly_the_saes_reconstruction(evaluated):
+    from actstore.model import load_model
+    from actstore.steps.darkmatter import DarkmatterOptions, patch_parts
+
+    store, run = evaluated
+    sae_dir = sorted(__import__("pathlib").Path(run, "saes").iterdir())[0]
+    sae = load_eval_sae(sae_dir)
+    group = st.open_store(store)
+    zero = (torch.zeros(sae.d_in, sae.d_in), torch.zeros(sae.d_in))
+    t = patch_parts(group, load_model("tiny"), sae, zero, range(1, 4, 2), None, DarkmatterOptions(), False)
+    ref = read_table(run, "tokens").filter((pl.col("sae_id") == sae.sae_id) & (pl.col("seq") % 2 == 1))
+    joined = t.join(ref, on=["seq", "pos"]).drop_nulls("ce_orig")
+    assert joined.height == 2 * 64 - 2
+    np.testing.assert_allclose(joined["ce_linear"], joined["ce_patched"], rtol=1e-5, atol=1e-6)  # x̂ + 0
+    np.testing.assert_allclose(joined["ce_nonlinear"], joined["ce_orig"], atol=5e-3)  # x as stored in float16
 
 
 def test_linear_probe_agrees_with_numpy_lstsq_and_splits_the_fvu():
-    from actstore.darkmatter import analyse
+    from actstore.steps.darkmatter import analyse
 
     rng = np.random.default_rng(0)
     n, d = 2000, 12

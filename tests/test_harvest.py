@@ -18,9 +18,9 @@ import zarr
 from actstore import store as st
 from actstore.corpus import CorpusOptions, token_sequences
 from actstore.errors import StoreError
-from actstore.harvest import HarvestOptions, harvest
 from actstore.info import format_info, store_info
 from actstore.model import load_model
+from actstore.steps.harvest import HarvestOptions, harvest
 
 from .conftest import HOOKS
 

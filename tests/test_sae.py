@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actstore.sae import TopKSAE, default_lr
+from actstore.sae import TopKSAE, default_lr, dense_decode
 
 
 def _dense_reference(sae: TopKSAE, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -40,11 +40,12 @@ def test_sparse_path_matches_dense_values_and_gradients(low_precision):
         torch.testing.assert_close(getattr(fast, name).grad, getattr(slow, name).grad, rtol=1e-4, atol=1e-5)
 
 
-def test_dense_decoder_option_is_the_same_function():
+def test_dense_reference_decoder_is_the_same_function():
     torch.manual_seed(1)
     x = torch.randn(50, 16)
     a = TopKSAE(16, 64, 4, seed=0)
-    b = TopKSAE(16, 64, 4, seed=0, dense_decoder=True)
+    b = TopKSAE(16, 64, 4, seed=0)
+    b.decode_rows = dense_decode
     torch.testing.assert_close(a(x).recon, b(x).recon)
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from actstore.errors import StoreError, UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
-from actstore.train import SAESpec, TrainOptions, _Trainee, sweep, train
+from actstore.run import SAESpec
+from actstore.steps.train import Trainee, TrainOptions, sweep, train
 
 from .synthetic import sparse_dictionary_data, write_store
 
@@ -103,7 +104,7 @@ def test_auxk_revives_latents_that_would_stay_dead(dict_store):
     dead_after = {}
     for coef in (0.0, 1 / 32):
         o = TrainOptions(batch_size=512, lr=3e-3, dead_tokens=2_000, auxk_coef=coef)
-        t = _Trainee(spec, 32, o, torch.zeros(32))
+        t = Trainee(spec, 32, o, torch.zeros(32))
         with torch.no_grad():
             t.sae.b_enc[32:] = -2.0  # 3/4 of the latents start too far down to win the top-k
         for batch in ActivationLoader(path, HOOK, spec.tokens, LoaderOptions(batch_size=512)):
@@ -240,7 +241,7 @@ def test_a_finished_sae_trained_with_other_settings_is_not_silently_reused(dict_
 
 
 def test_a_one_row_tail_does_not_blow_up_the_fvu(dict_store, tmp_path):
-    from actstore.train import summary
+    from actstore.steps.train import summary
 
     path, _ = dict_store
     run = str(tmp_path / "run")

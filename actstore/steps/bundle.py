@@ -2,10 +2,13 @@
 
 Why: the records are the result a collaborator wants, and they should need nothing of ours to read them. A
 bundle keeps the Parquet layout (`records/<table>/<key>=<value>/*.parquet`, so bare DuckDB and polars read
-the partition keys back as columns), a README that says what each table holds, and `manifest.json`: the
-sha256 and size of every other file plus the provenance (run.json, the eval stores' attributes, the saes
-table), so a bundle that changed in transit is caught by `verify`, not by a wrong plot. A `.tar` or `.zip`
-OUT holds the same files at its top level.
+the partition keys back as columns), a README that says what each table holds (from actstore/tables.py),
+the SQL library (`sql/`, with `views.sql` opening the records as views in a bare `duckdb` shell) so the
+collaborator's numbers come from the same named queries as ours rather than from formulas retyped in a
+README (their definitions: docs/METHODS.md), and `manifest.json`: the sha256 and size of every other file
+plus the provenance (run.json, the eval stores' attributes, the saes table), so a bundle that changed in
+transit is caught by `verify`, not by a wrong plot. A `.tar` or `.zip` OUT holds the same files at its top
+level.
 """
 
 from __future__ import annotations
@@ -19,49 +22,18 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from importlib.resources import files
 from pathlib import Path
 from typing import IO, Any
 
-from actstore import __version__
-from actstore import records as rec
+from actstore import __version__, atomic, bundle_readme
+from actstore import run as rundir
 from actstore.errors import StoreError, UsageError
+from actstore.tables import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
+VIEWS = "views.sql"
 ARCHIVES = (".tar", ".zip")
-STAGING = (".partial", ".old")  # directories write_parts leaves behind when an eval is killed
-ABOUT = {
-    "saes": "One row per SAE: its hook, size, k, training budget and seed",
-    "tokens": "One row per (SAE, eval token): activation-space errors, patched CE/KL and their baselines",
-    "codes": "The active latents of every eval token: one row per (SAE, token, latent)",
-    "evals": "One row per SAE evaluation: eval store, token count, options, version and time",
-    "curves": "Training curves: one row per SAE and logged step",
-    "darkmatter": "Linear probes of the SAE error (dark matter)",
-    "latents": "One row per (SAE, latent)",
-    "layers": "One row per hookpoint: participation ratio and variance of the activations",
-    "vocab": "The text of every token id the eval stores hold, per model",
-}
-README = """# actstore bundle of `{name}`
-
-Evaluation records of sparse autoencoders, written by actstore {version} (records schema {schema}). Every
-table is Parquet with Hive partitioning: a directory named `key=value` (e.g. `sae_id=<id>`) is a column of
-its rows, so DuckDB (`hive_partitioning = true`) and polars (`hive_partitioning=True`) read it back. Nothing
-here needs actstore.
-
-`{manifest}` lists the sha256 and size of every other file (check them with `actstore bundle verify` or
-`sha256sum`) and the provenance: `run.json`, the eval stores' attributes (model, corpus, split, seq_len,
-dtype …) and the rows of the saes table.
-"""
-# (what it answers, {table: columns it needs}, query with {table} standing for that table's Parquet files)
-EXAMPLES = (
-    ("Fraction of variance explained per SAE: R² = 1 − SSE/SST over all eval tokens", {"tokens": ("sae_id", "sse", "sst")},
-     "SELECT sae_id, count(*) AS tokens, 1 - sum(sse) / sum(sst) AS r2\nFROM {tokens}\nGROUP BY sae_id ORDER BY sae_id;"),
-    ("CE_rec = 2 − L_recon/L_orig per hook and k, joining the saes table",
-     {"tokens": ("sae_id", "ce_orig", "ce_patched"), "saes": ("sae_id", "hook", "k")},
-     "SELECT s.hook, s.k, 2 - avg(t.ce_patched) / avg(t.ce_orig) AS ce_rec\nFROM {tokens} t\n"
-     "JOIN {saes} s USING (sae_id)\nGROUP BY ALL ORDER BY ALL;"),
-    ("Alive latents per SAE: latents that fire at least once on the eval set", {"codes": ("sae_id", "latent")},
-     "SELECT sae_id, count(DISTINCT latent) AS alive\nFROM {codes}\nGROUP BY sae_id ORDER BY sae_id;"),
-)  # fmt: skip
 
 
 def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = False, overwrite: bool = False) -> Path:
@@ -77,23 +49,17 @@ def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = Fa
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")
     if dest.resolve() == run_dir.resolve() or dest.resolve() in run_dir.resolve().parents:
         raise UsageError(f"OUT {out} would replace the run itself; choose a path outside {run}")
-    partial = Path(out + ".partial")
-    stage = Path(out + ".partial.d") if dest.suffix in ARCHIVES else partial
-    for leftover in (partial, stage):
-        _remove(leftover)
-    try:
-        _fill(stage, run_dir, parts, with_saes, with_recon)
-        if stage != partial:
-            _pack(stage, partial, dest.suffix)
-        old = Path(out + ".old")
-        _remove(old)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(partial, dest)
-        _remove(old)
-    finally:
-        for leftover in {partial, stage}:
-            _remove(leftover)
+    with atomic.replacing(dest) as (stage,):
+        # an archive's files are gathered in a staging directory of their own, next to OUT, then packed
+        tree = stage if dest.suffix not in ARCHIVES else atomic.staged(dest.with_name(dest.name + ".d"))
+        try:
+            atomic.remove(tree)
+            _fill(tree, run_dir, parts, with_saes, with_recon)
+            if tree != stage:
+                _pack(tree, stage, dest.suffix)
+        finally:
+            if tree != stage:
+                atomic.remove(tree)
     return dest
 
 
@@ -157,7 +123,7 @@ def open_bundle(path: str) -> Path:
             else:
                 with zipfile.ZipFile(src) as zf:
                     zf.extractall(tmp)
-            os.replace(tmp, cache)
+            os.replace(tmp, cache)  # not atomic.swap_in: a cache a concurrent opener put there first stays
         except (tarfile.TarError, zipfile.BadZipFile) as exc:
             raise StoreError(f"{path} cannot be extracted ({exc}); check it with `actstore bundle verify`") from None
         except OSError as exc:
@@ -166,7 +132,7 @@ def open_bundle(path: str) -> Path:
                     f"cannot extract {path} into {cache.parent} ({exc}); free space or set TMPDIR"
                 ) from None
         finally:
-            _remove(tmp)
+            atomic.remove(tmp)
     return cache
 
 
@@ -176,9 +142,10 @@ def listing(out: str) -> dict[str, int]:
 
 
 def _record_files(run: Path) -> list[Path]:
-    root = run / "records"
-    files = sorted(root.rglob("*.parquet")) if root.is_dir() else []
-    return [f for f in files if not any(p.endswith(STAGING) for p in f.relative_to(root).parts)]
+    """Every committed Parquet file of the records, never one inside a staging directory a killed write left."""
+    root = rundir.records_dir(run)
+    found = sorted(root.rglob("*.parquet")) if root.is_dir() else []
+    return [f for f in found if not any(atomic.is_staging(p) for p in f.relative_to(root).parts)]
 
 
 def _fill(stage: Path, run: Path, parts: list[Path], with_saes: bool, with_recon: bool) -> None:
@@ -187,24 +154,29 @@ def _fill(stage: Path, run: Path, parts: list[Path], with_saes: bool, with_recon
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, target)
     tables = _describe(stage)
+    _add_sql(stage, tables)
     evals = _rows(tables, "evals")
     stores = sorted({row["store"] for row in evals if row.get("store")})
     if with_saes:
-        if not (run / "saes").is_dir():
+        if not rundir.saes_dir(run).is_dir():
             raise UsageError(f"{run} has no saes/ directory; drop --with-saes or train with `actstore train`")
-        shutil.copytree(run / "saes", stage / "saes")
+        unfinished = lambda _, names: [n for n in names if atomic.is_staging(n)]  # noqa: E731
+        shutil.copytree(rundir.saes_dir(run), rundir.saes_dir(stage), ignore=unfinished)
     if with_recon:
         _copy_recon(run, stores, [row["sae_id"] for row in evals if row.get("sae_id")], stage / "recon.zarr")
-    run_json = run / "run.json"
+    run_json = rundir.run_json(run)
     provenance = {
         "run": json.loads(run_json.read_text()) if run_json.is_file() else None,
         "stores": {s: _store_attrs(run, s) for s in stores},
         "saes": _rows(tables, "saes"),
     }
-    (stage / "README.md").write_text(_readme(run, tables, with_saes, with_recon))
+    readme = bundle_readme.render(
+        run.name, tables, manifest=MANIFEST, views=VIEWS, with_saes=with_saes, with_recon=with_recon
+    )
+    (stage / "README.md").write_text(readme)
     manifest = {
         "format": "actstore-bundle",
-        "schema_version": rec.SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "actstore": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tables": {t: {"files": d["files"], "rows": d["rows"]} for t, d in tables.items()},
@@ -268,58 +240,39 @@ def _copy_recon(run: Path, stores: list[str], sae_ids: list[str], dest: Path) ->
 
 
 def _describe(stage: Path) -> dict[str, dict[str, Any]]:
-    """Per table: its glob (relative to the bundle), partition keys, file and row counts, and DuckDB columns."""
+    """Per table: its glob (relative to the bundle), partition keys, file and row counts, and a DuckDB source."""
     import duckdb
 
     con, tables = duckdb.connect(), {}
-    for table_dir in sorted(p for p in (stage / "records").iterdir() if p.is_dir()):
+    for table_dir in sorted(p for p in rundir.records_dir(stage).iterdir() if p.is_dir()):
         parts = sorted(table_dir.rglob("*.parquet"))
         dirs = parts[0].relative_to(table_dir).parts[:-1]
         glob = "/".join(["records", table_dir.name, *["*"] * len(dirs), "*.parquet"])
+        keys = [d.split("=")[0] for d in dirs if "=" in d]
         where = str(stage.resolve() / glob).replace("'", "''")
-        source = f"read_parquet('{where}', hive_partitioning = true, union_by_name = true)"
+        source = f"read_parquet('{where}', {bundle_readme.read_options(keys)})"
         tables[table_dir.name] = {
             "glob": glob,
             "source": source,
-            "keys": [d.split("=")[0] for d in dirs if "=" in d],
+            "keys": keys,
             "files": len(parts),
             "rows": con.execute(f"SELECT count(*) FROM {source}").fetchone()[0],
-            "columns": con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall(),
         }
     return tables
 
 
-def _readme(run: Path, tables: dict[str, dict[str, Any]], with_saes: bool, with_recon: bool) -> str:
-    def src(table: str) -> str:
-        return f"read_parquet('{tables[table]['glob']}', hive_partitioning = true)"
-
-    columns = {t: {c[0] for c in info["columns"]} for t, info in tables.items()}
-    queries = [(title, sql.format_map({t: src(t) for t in tables})) for title, need, sql in EXAMPLES
-               if all(set(cols) <= columns.get(t, set()) for t, cols in need.items())]  # fmt: skip
-    for table, info in tables.items():  # the generic fallback when fewer than three of the above apply
-        by = ", ".join(info["keys"])
-        sql = f"SELECT {by or repr('all')}, count(*) AS n_rows\nFROM {src(table)}\nGROUP BY ALL;"
-        queries.append((f"Rows of {table}" + (f" per {by}" if by else ""), sql))
-    text = [README.format(name=run.name, version=__version__, schema=rec.SCHEMA_VERSION, manifest=MANIFEST)]
-    if with_saes:
-        text.append("`saes/<sae_id>/`: the SAEs' `cfg.json` and `sae_weights.safetensors`, in SAELens's layout.\n")
-    if with_recon:
-        text.append("`recon.zarr`: a Zarr v3 group with the eval `tokens` and `recon/<sae_id>/<hook>` arrays.\n")
-    text.append("## Tables\n")
-    for table, info in tables.items():
-        keys = f", partitioned by {', '.join(info['keys'])}" if info["keys"] else ""
-        about = f"{ABOUT[table]}. " if table in ABOUT else ""
-        rows = "".join(f"| {name} | {kind} |\n" for name, kind, *_ in info["columns"])
-        text.append(f"### {table}\n\n{about}`{info['glob']}`: {info['files']} files, {info['rows']:,} rows{keys}.\n")
-        text.append(f"| column | type |\n|---|---|\n{rows}")
-    text.append('## Example queries\n\nRun in this directory: `duckdb -c "<query>"`, or paste into `duckdb`.\n')
-    text += [f"```sql\n-- {title}\n{sql}\n```\n" for title, sql in queries[:3]]
-    return "\n".join(text)
+def _add_sql(stage: Path, tables: dict[str, dict[str, Any]]) -> None:
+    """`sql/`: the named queries and their macros as shipped; `views.sql`: the records as views, then the macros."""
+    (stage / "sql").mkdir()
+    for src in sorted(files("actstore.sql").iterdir(), key=lambda p: p.name):
+        if src.name.endswith(".sql"):
+            (stage / "sql" / src.name).write_bytes(src.read_bytes())
+    (stage / VIEWS).write_text(bundle_readme.views_sql(tables, (stage / "sql" / "_macros.sql").read_text()))
 
 
 def _pack(stage: Path, archive: Path, kind: str) -> None:
     names = sorted((p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()),
-                   key=lambda n: (n not in (MANIFEST, "README.md"), n))  # fmt: skip
+                   key=lambda n: (n not in (MANIFEST, "README.md", VIEWS), n))  # fmt: skip
     if kind == ".tar":
         with tarfile.open(archive, "w") as tf:
             for name in names:
@@ -357,10 +310,3 @@ def _digest(f: IO[bytes]) -> tuple[str, int]:
         h.update(chunk)
         size += len(chunk)
     return h.hexdigest(), size
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

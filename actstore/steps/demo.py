@@ -3,10 +3,10 @@
 Harvests a train store and a disjoint eval store (document-level split) at an early, a mid and a late
 residual stream of the tiny model, prints `actstore info` for both, then trains a TopK sweep
 (k ∈ {8, 16, 32, 64}, 8× expansion, 1M tokens) on every hook — one data pass per hook — and prints each
-SAE's final FVU and dead fraction; then evaluates every SAE on the eval store, fits the dark-matter
-probes, evaluates again with their patches, and prints from DuckDB queries over the records: the summary
-with bootstrap CIs, the KL gap to ε-random, cross-SAE error predictability, dark matter and the
-participation ratio; finally writes the report and a bundle and prints their paths.
+SAE's final FVU and dead fraction; then evaluates every SAE on the eval store once, fits the dark-matter
+probes and patches their parts on held-out sequences, and prints from DuckDB queries over the records:
+the summary with bootstrap CIs, the KL gap to ε-random, cross-SAE error predictability, dark matter and
+the participation ratio; finally writes the report and a bundle and prints their paths.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from pathlib import Path
 
 import polars as pl
 
+from actstore import run as rundir
 from actstore.analytics import format_table, headline, query
-from actstore.bundle import create
-from actstore.darkmatter import darkmatter
-from actstore.evaluate import EvalOptions, evaluate
-from actstore.harvest import HarvestOptions, harvest
 from actstore.info import format_info, store_info
-from actstore.report import report
-from actstore.train import TrainOptions, summary, sweep, train
+from actstore.steps.bundle import create
+from actstore.steps.darkmatter import darkmatter
+from actstore.steps.evaluate import EvalOptions, evaluate
+from actstore.steps.harvest import HarvestOptions, harvest
+from actstore.steps.report import report
+from actstore.steps.train import TrainOptions, summary, sweep, train
 
 DEMO_HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "blocks.5.hook_resid_post")
 DEMO_KS = (8, 16, 32, 64)
@@ -56,18 +57,14 @@ def demo(
     train(stores["train"], run, specs, TrainOptions(batch_size=1024), progress=progress)
     print(f"\n== trained SAEs in {run}/saes (training curves in {run}/records/curves)")
     print(f"{'sae_id':<48} {'FVU':>7} {'dead':>6}")
-    for row in sorted(
-        summary(run), key=lambda r: (r["sae_id"].split("__")[0], int(r["sae_id"].split("__k")[1].split("_")[0]))
-    ):
+    for row in summary(run):
         print(f"{row['sae_id']:<48} {row['fvu']:>7.4f} {row['dead_frac']:>6.3f}")
 
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     say(f"\n== eval: every SAE on the first {EVAL_SEQS} sequences of the eval store")
     evaluate(stores["eval"], run, options=EvalOptions(max_seqs=EVAL_SEQS), progress=progress)
-    say("\n== dark matter: linear error probes from the eval store's activations and reconstructions")
-    darkmatter(run, progress=False)
-    say("\n== eval again, now also patching x̂ + linear error and x̂ + nonlinear error")
-    evaluate(stores["eval"], run, options=EvalOptions(max_seqs=EVAL_SEQS, darkmatter=True), progress=progress)
+    say("\n== dark matter: linear error probes, then x̂ + linear error and x̂ + nonlinear error patched in")
+    darkmatter(run, progress=progress)
 
     print(f"\n== summary (sql/summary.sql over {run}/records): 95% CIs from 5,000 resamples of sequences")
     print(format_table(headline(run)))
@@ -103,7 +100,7 @@ def demo(
     bundle = str(root / "bundle")
     create(run, bundle, overwrite=True)
     print("\n== outputs")
-    outputs = {**stores, "run": run, "report": str(Path(run) / "report" / "report.html"), "bundle": bundle}
+    outputs = {**stores, "run": run, "report": str(rundir.report_dir(run) / "report.html"), "bundle": bundle}
     for name, path in outputs.items():
         print(f"{name:<8} {path}")
     print(f"\nnext: actstore sql {run} --list   ·   actstore bundle verify {bundle}")
@@ -113,11 +110,11 @@ def demo(
 def _pair_matrix(pairs: pl.DataFrame) -> pl.DataFrame:
     """The pairs table as a matrix: row = the predicting SAE, column = the predicted one, "L<layer> k<k>"."""
 
-    def label(hook: pl.Expr, k: pl.Expr) -> pl.Expr:
-        return pl.concat_str(pl.lit("L"), hook.str.extract(r"blocks\.(\d+)\."), pl.lit(" k"), k.cast(pl.String))
+    def label(layer: pl.Expr, k: pl.Expr) -> pl.Expr:
+        return pl.concat_str(pl.lit("L"), layer.cast(pl.String), pl.lit(" k"), k.cast(pl.String))
 
     named = pairs.with_columns(
-        label(pl.col("hook_i"), pl.col("k_i")).alias("from"), label(pl.col("hook_j"), pl.col("k_j")).alias("to")
+        label(pl.col("layer_i"), pl.col("k_i")).alias("from"), label(pl.col("layer_j"), pl.col("k_j")).alias("to")
     )
     order = named.unique("from", maintain_order=True)["from"].to_list()
     matrix = named.pivot(on="to", index="from", values="heldout_r2", sort_columns=False)

@@ -11,69 +11,117 @@ aside and renamed into place every `checkpoint_seconds`; the same command resume
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
-from actstore import __version__
+from actstore import __version__, atomic
+from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
+from actstore.metrics import EPS
+from actstore.model import hook_layer, resolve_device
+from actstore.options import csv, option, positive
 from actstore.progress import plural_saes, token_bar
+from actstore.run import SAESpec
 from actstore.sae import AUXK_COEF, TopKSAE, default_lr
+from actstore.units import parse_count
+
+
+def _ints(name: str) -> Any:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in csv(text))
+        except ValueError:
+            raise UsageError(f"--{name} takes comma-separated whole numbers, got {text!r}") from None
+
+    return parse
 
 
 @dataclass(frozen=True)
-class SAESpec:
-    hook: str
-    k: int
-    expansion: int
-    tokens: int
-    seed: int
+class Sweep:
+    """The axes of a sweep: every combination is one SAE (a value given twice is trained once)."""
 
-    @property
-    def sae_id(self) -> str:
-        return f"{self.hook}__k{self.k}_x{self.expansion}_{format_tokens(self.tokens)}_s{self.seed}"
+    hooks: tuple[str, ...] = option(None, "Comma-separated hooks of the store.", parse=csv, required=True)
+    k: tuple[int, ...] = option(
+        (32,), "Comma-separated k values (active latents per token).", parse=_ints("k"), shown="32"
+    )
+    expansion: tuple[int, ...] = option(
+        (8,), "Comma-separated expansion factors (d_sae = expansion × d_in).", parse=_ints("expansion"), shown="8"
+    )
+    tokens: tuple[int, ...] = option(
+        (1_000_000,), "Comma-separated token budgets (1M, 500k, …); budgets share the stream.",
+        parse=lambda text: tuple(parse_count(t) for t in csv(text)), shown="1M",
+    )  # fmt: skip
+    seeds: tuple[int, ...] = option((0,), "Comma-separated initialisation seeds.", parse=_ints("seeds"), shown="0")
+
+    def specs(self) -> list[SAESpec]:
+        hooks = self.hooks or ()
+        specs = [
+            SAESpec(h, k, e, t, s)
+            for h in hooks
+            for k in self.k
+            for e in self.expansion
+            for t in self.tokens
+            for s in self.seeds
+        ]
+        return list(dict.fromkeys(specs))
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """How every SAE of a run is trained (small and grouped: optimiser, schedule, data, hardware)."""
 
-    batch_size: int = 4096
-    lr: float | None = None  # None: Gao et al.'s 2e-4 / sqrt(d_sae / 2^14)
-    warmup_frac: float = 0.05
-    decay_frac: float = 0.2  # linear decay to zero over the last fifth of each SAE's budget
-    grad_clip: float = 1.0
-    auxk_coef: float = AUXK_COEF
-    dead_tokens: int | None = None  # None: min(10M, budget / 10) — Gao et al. use 10M
-    low_precision: bool = False  # encoder matmul in bf16
-    dense_decoder: bool = False  # the reference decode, for benchmarks
-    data_seed: int = 0
-    drop_first_positions: int = 0
-    log_every: int = 10
-    checkpoint_seconds: float = 120.0
-    device: str = "cpu"
+    batch_size: int = option(4096, "Tokens per step.")
+    lr: float | None = option(None, "Peak learning rate (default: 2e-4 / sqrt(d_sae / 2^14), Gao et al.).")
+    warmup_frac: float = option(0.05, "Linear warm-up over this share of each SAE's budget.", cli=False)
+    decay_frac: float = option(0.2, "Linear decay to zero over the last share of each SAE's budget.", cli=False)
+    grad_clip: float = option(1.0, "Gradient norm clip.", cli=False)
+    auxk_coef: float = option(AUXK_COEF, "Weight of the AuxK loss on dead latents.")
+    dead_tokens: int | None = option(
+        None,
+        "A latent is dead after this many tokens without firing (default: min(10M, budget/10)).",
+        parse=parse_count,
+    )
+    low_precision: bool = option(False, "Run the encoder matmul in bfloat16.", flag="--bf16/--no-bf16")
+    drop_bos: bool = option(False, "Leave position 0 of every sequence out of training.", flag="--drop-bos/--keep-bos")
+    data_seed: int = option(0, "Seed of the data order (shared by every SAE of the run).")
+    log_every: int = option(10, "Steps between two rows of the training curves.", cli=False)
+    checkpoint_seconds: float = option(120.0, "Write a resumable checkpoint this often.")
+    device: str = option("cpu", "cpu, cuda or cuda:N.")
 
+    def __post_init__(self) -> None:
+        positive("batch_size", self.batch_size)
+        positive("dead_tokens", self.dead_tokens, allow_none=True)
+        positive("data_seed", self.data_seed, minimum=0)
+        positive("log_every", self.log_every)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr {self.lr} must be a positive number")
+        if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
+            raise UsageError(f"--auxk-coef {self.auxk_coef} must be a non-negative number")
+        resolve_device(self.device)
 
-def format_tokens(n: int) -> str:
-    """1_000_000 → '1M', 1_500_000 → '1.5M', 250_000 → '250k': stable, readable, never rounded."""
-    for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-        if n >= scale and (n * 10) % scale == 0:
-            return f"{n // scale}.{(n * 10 // scale) % 10}{unit}"
-    return str(n)
+    def loader(self) -> LoaderOptions:
+        return LoaderOptions(batch_size=self.batch_size, seed=self.data_seed, drop_first_positions=int(self.drop_bos))
 
 
 def sweep(hooks: list[str], ks: list[int], expansions: list[int], tokens: list[int], seeds: list[int]) -> list[SAESpec]:
-    specs = [SAESpec(h, k, e, t, s) for h in hooks for k in ks for e in expansions for t in tokens for s in seeds]
-    return list(dict.fromkeys(specs))  # a value given twice is trained once
+    """Every combination of the axes, as SAE specs."""
+    return Sweep(tuple(hooks), tuple(ks), tuple(expansions), tuple(tokens), tuple(seeds)).specs()
+
+
+def settings(store: str, o: TrainOptions) -> dict[str, Any]:
+    """What, besides its spec, decides an SAE's weights: a finished SAE is reused, and a checkpoint
+    resumed, only when these match (bookkeeping — logging, checkpoint timing, device — is left out)."""
+    opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device")}
+    return json.loads(json.dumps({"store": str(store), "options": opts, "loader": asdict(o.loader())}))
 
 
 def lr_at(tokens_seen: int, budget: int, peak: float, o: TrainOptions) -> float:
@@ -93,8 +141,11 @@ def geometric_median(x: torch.Tensor, iters: int = 30) -> torch.Tensor:
     return y
 
 
-class _Trainee:
-    """One SAE with its optimiser and bookkeeping (dead-latent counters, fire counts, curve rows)."""
+class Trainee:
+    """One SAE with its optimiser and bookkeeping (dead-latent counters, fire counts, curve rows).
+
+    Public so benchmarks and tests can time or drive single steps of exactly what `train` runs.
+    """
 
     def __init__(self, spec: SAESpec, d_in: int, o: TrainOptions, b_dec: torch.Tensor):
         self.spec, self.o = spec, o
@@ -106,7 +157,6 @@ class _Trainee:
             seed=spec.seed,
             device=o.device,
             low_precision=o.low_precision,
-            dense_decoder=o.dense_decoder,
         )
         with torch.no_grad():
             self.sae.b_dec.copy_(b_dec)
@@ -157,11 +207,10 @@ class _Trainee:
                 err = (x - out.recon).pow(2).sum(1)
                 self.curves.append(
                     {
-                        "sae_id": self.spec.sae_id,
                         "step": self.step,
                         "tokens": self.seen,
                         "mse": float(err.mean() / x.shape[1]),
-                        "nmse": float((err / x.pow(2).sum(1).clamp_min(1e-10)).mean()),
+                        "nmse": float((err / x.pow(2).sum(1).clamp_min(EPS)).mean()),
                         "explained_variance": float(1 - out.fvu),
                         "fvu": float(out.fvu),
                         "l0": float((out.top_acts > 0).sum(1).float().mean()),
@@ -209,7 +258,6 @@ def train(
             raise UsageError(f"{spec.sae_id}: seeds must be ≥ 0 and expansions ≥ 1")
         if spec.tokens <= 0:
             raise UsageError(f"token budget {spec.tokens} for {spec.sae_id} is not positive; give --tokens like 1M")
-    _validate_options(options)
     group = st.open_store(store)
     run = Path(out)
     hooks_in_store = st.hooks_of(group)
@@ -229,24 +277,9 @@ def train(
     return done
 
 
-def _validate_options(o: TrainOptions) -> None:
-    import math
-
-    if o.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
-        raise UsageError(f"--lr {o.lr} must be a positive number")
-    if not (math.isfinite(o.auxk_coef) and o.auxk_coef >= 0):
-        raise UsageError(f"--auxk-coef {o.auxk_coef} must be a non-negative number")
-    if o.dead_tokens is not None and o.dead_tokens < 1:
-        raise UsageError(f"--dead-tokens {o.dead_tokens} must be at least 1")
-    if o.data_seed < 0:
-        raise UsageError(f"--data-seed {o.data_seed} must be 0 or more")
-
-
 def _check_run(run: Path, store: str, group: Any) -> None:
     """A run directory belongs to one store's model; refuse to resume it on another model's store."""
-    manifest = run / "run.json"
+    manifest = rundir.run_json(run)
     model = group.attrs.get("model", {}).get("name")
     if run.exists() and not run.is_dir():
         raise UsageError(f"--out {run} exists and is a file; give a directory for the run")
@@ -262,124 +295,116 @@ def _check_run(run: Path, store: str, group: Any) -> None:
             )
         return
     run.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    atomic.write_bytes(
         manifest, json.dumps({"store": str(store), "model": model, "actstore": __version__}, indent=2).encode()
     )
 
 
 def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: TrainOptions, progress: bool) -> list[str]:
     hook = specs[0].hook
-    loader_opts = LoaderOptions(batch_size=o.batch_size, seed=o.data_seed, drop_first_positions=o.drop_first_positions)
-    wanted = run_settings(store, o, loader_opts)
+    wanted = settings(store, o)
     for spec in specs:
-        cfg_file = run / "saes" / spec.sae_id / "cfg.json"
-        if cfg_file.exists() and (run / "saes" / spec.sae_id / "sae_weights.safetensors").exists():
+        cfg_file = rundir.sae_dir(run, spec.sae_id) / "cfg.json"
+        if cfg_file.exists() and rundir.is_trained(run, spec.sae_id):
             had = json.loads(cfg_file.read_text()).get("actstore", {}).get("settings")
             if had != wanted:
                 diff = sorted(
                     k for k in (had or {}).get("options", {}) if had["options"][k] != wanted["options"].get(k)
                 )
                 raise UsageError(
-                    f"{run}/saes/{spec.sae_id} was trained with other settings ({', '.join(diff) or 'store or loader'}); "
-                    "use another --out"
+                    f"{rundir.sae_dir(run, spec.sae_id)} was trained with other settings "
+                    f"({', '.join(diff) or 'store or loader'}); use another --out"
                 )
-    todo = [s for s in specs if not (run / "saes" / s.sae_id / "sae_weights.safetensors").exists()]
+    todo = [s for s in specs if not rundir.is_trained(run, s.sae_id)]
     if not todo:
-        return [str(run / "saes" / s.sae_id) for s in specs]
-    ckpt_path = run / "checkpoints" / f"{hook}.pt"
-
-    def key(of: list[SAESpec]) -> dict[str, Any]:
-        opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every")}
-        return {"specs": [asdict(s) for s in of], "options": opts, "loader": asdict(loader_opts), "store": str(store)}
-
+        return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
+    ckpt_path = rundir.checkpoint_path(run, hook)
     ckpt = torch.load(ckpt_path, weights_only=False, map_location=o.device) if ckpt_path.exists() else None
     # A checkpoint written before some SAEs of this sweep finished still covers the rest of it.
-    members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == key(m)), None)
+    members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == _key(m, wanted)), None)
     if members is None:
         ckpt = None  # another sweep was started here: begin afresh (its finished SAEs are kept)
         members = todo
-    ckpt_key = key(members)
+    ckpt_key = _key(members, wanted)
     total = max(s.tokens for s in members)
 
     d_in = group["acts"][hook].shape[2]
     if ckpt is None:
-        first = next(iter(ActivationLoader(store, hook, min(total, o.batch_size), loader_opts, device=o.device)))
+        first = next(iter(ActivationLoader(store, hook, min(total, o.batch_size), o.loader(), device=o.device)))
         b_dec = geometric_median(first.float())
     else:
         b_dec = torch.zeros(d_in, device=o.device)
-    trainees = [_Trainee(s, d_in, o, b_dec) for s in members]
+    trainees = [Trainee(s, d_in, o, b_dec) for s in members]
     position = 0
     if ckpt is not None:
         for t, state in zip(trainees, ckpt["trainees"], strict=True):
             t.load_state(state)
         position = ckpt["position"]
 
-    loader = ActivationLoader(store, hook, total, loader_opts, start_token=position, device=o.device)
+    loader = ActivationLoader(store, hook, total, o.loader(), start_token=position, device=o.device)
     bar = token_bar(progress, total, f"train {hook} ({plural_saes(len(todo))})", initial=position)
     last_ckpt = time.monotonic()
     for batch in loader:
         fvus = [t.train_step(batch) for t in trainees if not t.done]
         position += len(batch)
         for t in trainees:
-            if t.done and not (run / "saes" / t.spec.sae_id / "sae_weights.safetensors").exists():
-                _save_trainee(t, run, store, group, o, loader_opts, loader.epoch_tokens)
+            if t.done and not rundir.is_trained(run, t.spec.sae_id):
+                _save(t, run, store, group, o, loader.epoch_tokens)
         if bar is not None:
             bar.update(len(batch))
             bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-", refresh=False)
         if time.monotonic() - last_ckpt >= o.checkpoint_seconds and position < total:
-            _write_checkpoint(ckpt_path, ckpt_key, trainees, position)
+            with atomic.replacing(ckpt_path) as (stage,):
+                torch.save({"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]}, stage)
             last_ckpt = time.monotonic()
     if bar is not None:
         bar.close()
     for t in trainees:  # (budgets beyond the store's size loop over it: the loader starts a new epoch)
-        if not (run / "saes" / t.spec.sae_id / "sae_weights.safetensors").exists():
-            _save_trainee(t, run, store, group, o, loader_opts, loader.epoch_tokens)
+        if not rundir.is_trained(run, t.spec.sae_id):
+            _save(t, run, store, group, o, loader.epoch_tokens)
     ckpt_path.unlink(missing_ok=True)
-    return [str(run / "saes" / s.sae_id) for s in specs]
+    return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
 
 
-def run_settings(store: str, o: TrainOptions, lo: LoaderOptions) -> dict[str, Any]:
-    """What, beyond the sae_id, decides an SAE's weights: a finished SAE is reused only if these match."""
-    opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device")}
-    return json.loads(json.dumps({"store": str(store), "options": opts, "loader": asdict(lo)}))
+def _key(members: list[SAESpec], wanted: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's identity: which SAEs it trains, under which settings."""
+    return {"specs": [asdict(s) for s in members], **wanted}
 
 
-def _save_trainee(
-    t: _Trainee, run: Path, store: str, group: Any, o: TrainOptions, lo: LoaderOptions, epoch_tokens: int
-) -> None:
-    """Curves first, then weights, config and fire counts written aside and renamed into place.
+def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_tokens: int) -> None:
+    """The SAE's records (curves and its `saes` row), then its directory, each written aside and renamed.
 
     The weights directory appearing is what marks an SAE done, so it comes last.
     """
-    import polars as pl
     from safetensors.torch import save_file
 
-    spec = t.spec
-    attrs = group.attrs
-    curves = run / "records" / "curves" / f"sae_id={spec.sae_id}"
-    curves.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(t.curves).drop("sae_id").write_parquet(curves / "part-0.parquet.partial")
-    os.replace(curves / "part-0.parquet.partial", curves / "part-0.parquet")
-
-    final = run / "saes" / spec.sae_id
-    tmp = final.with_name(final.name + ".partial")
-    model_name = attrs.get("model", {}).get("name")
+    spec, attrs = t.spec, group.attrs
+    model = attrs.get("model", {})
+    final = rundir.sae_dir(run, spec.sae_id)
+    row = rundir.saes_row(
+        model=model.get("name"),
+        hook=spec.hook,
+        n_layers=model.get("config", {}).get("n_layers"),
+        d_model=t.sae.d_in,
+        d_sae=t.sae.d_sae,
+        k=spec.k,
+        expansion=spec.expansion,
+        train_tokens=t.seen,
+        seed=spec.seed,
+        architecture="topk",
+        path=str(final),
+    )
+    rundir.write_tables(run, spec.sae_id, {"curves": pl.DataFrame(t.curves), "saes": row})
     context = int(attrs.get("seq_len", 0))
+    seqpos = [int(o.drop_bos), None]
+    where = {"model_name": model.get("name"), "hook_name": spec.hook, "hook_layer": hook_layer(spec.hook)}
     cfg = {
-        "hook_name": spec.hook,
-        "hook_layer": _layer(spec.hook),
-        "model_name": model_name,
+        **where,
         "context_size": context,
         "prepend_bos": bool(attrs.get("settings", {}).get("prepend_bos", False)),
         "dataset_path": str(store),
-        "seqpos_slice": [lo.drop_first_positions, None],
-        "metadata": {
-            "model_name": model_name,
-            "hook_name": spec.hook,
-            "hook_layer": _layer(spec.hook),
-            "context_size": context,
-            "seqpos_slice": [lo.drop_first_positions, None],
-        },
+        "seqpos_slice": seqpos,
+        "metadata": {**where, "context_size": context, "seqpos_slice": seqpos},
         "actstore": {
             "version": __version__,
             "sae_id": spec.sae_id,
@@ -389,54 +414,30 @@ def _save_trainee(
             "epochs": round(t.seen / max(1, epoch_tokens), 3),
             "seed": spec.seed,
             "store": str(store),
-            "store_model": attrs.get("model", {}),
-            "loader": asdict(lo),
+            "store_model": model,
+            "loader": asdict(o.loader()),
             "lr": t.peak_lr,
             "dead_tokens": t.dead_tokens,
             "auxk_coef": o.auxk_coef,
             "low_precision": o.low_precision,
             "batch_size": o.batch_size,
             "steps": t.step,
-            "settings": run_settings(store, o, lo),
+            "settings": settings(store, o),
         },
     }
-    t.sae.save(tmp, cfg)
-    save_file(
-        {"fire_counts": t.fire_counts.cpu(), "tokens": torch.tensor([t.seen])}, str(tmp / "fire_counts.safetensors")
-    )
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def _layer(hook: str) -> int | None:
-    from actstore.model import hook_layer
-
-    return hook_layer(hook)
-
-
-def _write_checkpoint(path: Path, key: dict[str, Any], trainees: list[_Trainee], position: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    torch.save({"key": key, "position": position, "trainees": [t.state() for t in trainees]}, tmp)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic.replacing(final) as (stage,):
+        t.sae.save(stage, cfg)
+        save_file(
+            {"fire_counts": t.fire_counts.cpu(), "tokens": torch.tensor([t.seen])},
+            str(stage / "fire_counts.safetensors"),
+        )
 
 
 def summary(run: str) -> list[dict[str, Any]]:
-    """Each trained SAE's last logged FVU and dead fraction, read from the curves."""
-
-    from actstore.records import read_table
-
-    df = read_table(run, "curves")
-    if df.is_empty():
+    """Each trained SAE's last logged FVU and dead fraction, read from the curves, by hook depth and k."""
+    curves, saes = rundir.read_table(run, "curves"), rundir.read_table(run, "saes")
+    if curves.is_empty() or saes.is_empty():
         return []
-    last = df.sort("step").group_by("sae_id").last().sort("sae_id")
-    return last.select("sae_id", "tokens", "fvu", "dead_frac", "l0").to_dicts()
+    last = curves.sort("step").group_by("sae_id").last().join(saes.select("sae_id", "hook", "layer", "k"), on="sae_id")
+    last = last.sort("layer", "hook", "k", "sae_id", nulls_last=True)
+    return last.select("sae_id", "hook", "k", "tokens", "fvu", "dead_frac", "l0").to_dicts()

@@ -1,0 +1,379 @@
+"""The report's figures: one function per figure, a named query's rows in, a matplotlib Figure out.
+
+Why: a figure that recomputed anything would show numbers nobody can look up. Each function here only
+draws the rows of one named query of `sql/` (the `query` of its FigureSpec), so `actstore sql RUN --query
+NAME` prints every number behind a figure; the statistics are defined there and in docs/METHODS.md,
+never here. What a figure needs of an SAE (hook, layer, k) comes from the query's columns, i.e. from the
+`saes` table: nothing parses an sae_id or a hook name. Figures are plain `Figure` objects (no pyplot
+state, no display), so the report can draw them in a test or on a headless machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+
+from actstore.tables import BASELINES
+
+MARKERS = "osD^v<>pPhX*"
+NO_K = (0.5, 0.5, 0.5, 1.0)  # the colour of SAEs without a k (not TopK)
+
+# ---- plotting helpers ---------------------------------------------------------------------------------
+
+
+def _grid(n: int, ncols: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, list[Axes]]:
+    """A constrained-layout figure with n panels, ncols to a row (spare panels hidden)."""
+    ncols = max(1, min(ncols, n))
+    fig = Figure(figsize=(width * ncols, height * -(-n // ncols)), layout="constrained")
+    axes = list(fig.subplots(-(-n // ncols), ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _depth(df: pl.DataFrame) -> list[str]:
+    """The columns that put hooks in depth order: the `layer` the query gives, then the hook's name."""
+    return ["layer", "hook"] if "layer" in df.columns else ["hook"]
+
+
+def _k(k: int | None) -> str:
+    return "no k" if k is None else f"k={k}"
+
+
+def _k_colors(ks: pl.Series) -> dict[int | None, tuple]:
+    """One viridis colour per k, small k dark (the pale yellow end is left out: unreadable on white)."""
+    values = ks.drop_nulls().unique().sort().to_list()
+    colors = {k: colormaps["viridis"](0.85 * i / max(1, len(values) - 1)) for i, k in enumerate(values)}
+    return colors | ({None: NO_K} if ks.null_count() else {})
+
+
+def _hook_k_styles(fig: Figure, df: pl.DataFrame) -> tuple[dict[int | None, tuple], dict[str, str]]:
+    """Colour by k and marker by hook for scatter plots, with the figure's legend of both."""
+    hooks = df.sort(_depth(df), nulls_last=True)["hook"].unique(maintain_order=True).to_list()
+    colors, markers = _k_colors(df["k"]), {h: MARKERS[i % len(MARKERS)] for i, h in enumerate(hooks)}
+    handles = [Line2D([], [], ls="", marker=m, color="grey", label=h) for h, m in markers.items()]
+    handles += [Line2D([], [], ls="", marker="s", color=c, label=_k(k)) for k, c in colors.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return colors, markers
+
+
+def _by_panel(df: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """The rows of each (model ×) hook in depth order, titled by the hook (and the model, when several)."""
+    keys = [c for c in ("model", "hook") if c in df.columns]
+    several = "model" in df.columns and df["model"].n_unique() > 1
+    ordered = df.sort([*keys[:-1], *_depth(df)], nulls_last=True, maintain_order=True)
+    groups = ordered.group_by(keys, maintain_order=True)
+    return [(" · ".join(map(str, key)) if several else str(key[-1]), part) for key, part in groups]
+
+
+def _series(df: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """One line per model and depth, sorted by k; budgets, sizes or seeds that vary get lines of their own."""
+    extra = [c for c in ("d_sae", "train_tokens", "seed") if df[c].n_unique() > 1]
+    several = df["model"].n_unique() > 1
+    ordered = df.sort(["model", *_depth(df)], nulls_last=True, maintain_order=True)
+    out = []
+    for key, part in ordered.group_by(["model", "hook", *extra], maintain_order=True):
+        words = [str(key[0])] * several + [str(key[1])] + [f"{c}={v}" for c, v in zip(extra, key[2:], strict=True)]
+        out.append((" ".join(words), part.sort("k")))
+    return out
+
+
+def _log_if_positive(ax: Axes, values: pl.Series, axis: str = "y") -> None:
+    """A log axis when every value is positive; under two decades, ticks at 1, 2, 5 × 10ⁿ in plain numbers."""
+    values = values.drop_nulls()
+    if not len(values) or (values <= 0).any():
+        return
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    if values.max() / values.min() < 100:
+        scale = ax.yaxis if axis == "y" else ax.xaxis
+        scale.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        scale.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        scale.set_minor_formatter(NullFormatter())
+
+
+def _err(df: pl.DataFrame, col: str) -> np.ndarray:
+    """Error bars from col_lo/col_hi, for errorbar(); 0 where an SAE has no CI."""
+    x = df[col].to_numpy()
+    lo, hi = df[f"{col}_lo"].fill_null(df[col]).to_numpy(), df[f"{col}_hi"].fill_null(df[col]).to_numpy()
+    return np.vstack([x - lo, hi - x]).clip(0)
+
+
+def _floor(df: pl.DataFrame) -> float:
+    """Where never-fired latents are drawn on a log axis: half of one firing among the eval tokens."""
+    fired = df.filter(pl.col("fires") > 0)
+    return 0.5 / float((fired["fires"] / fired["firing_rate"]).max()) if len(fired) else 1e-9
+
+
+# ---- one function per figure: a named query's rows in, a Figure out ------------------------------------
+
+
+class Metric(NamedTuple):
+    column: str
+    label: str
+    log: bool  # a log axis when every value is positive
+
+
+CURVE_METRICS = [
+    Metric(column="mse", label="MSE", log=True),
+    Metric(column="nmse", label="normalized MSE", log=True),
+    Metric(column="explained_variance", label="explained variance", log=False),
+    Metric(column="l0", label="L0", log=False),
+    Metric(column="dead_frac", label="dead fraction", log=False),
+    Metric(column="batch_usage", label="batch usage", log=False),
+]
+
+
+def plot_curves(df: pl.DataFrame) -> Figure:
+    df = df.with_columns(hook=pl.col("hook").fill_null(pl.col("sae_id")))  # no saes row: one panel per SAE
+    df = df.sort([*_depth(df), "k", "sae_id"], nulls_last=True, maintain_order=True)
+    metrics = [m for m in CURVE_METRICS if m.column in df.columns]
+    panels, colors = _by_panel(df), _k_colors(df["k"])
+    fig, axes = _grid(len(panels) * len(metrics), len(metrics), 3.1, 2.5)
+    for i, (title, part) in enumerate(panels):
+        for ax, metric in zip(axes[i * len(metrics) :], metrics, strict=False):
+            for (_, k), s in part.group_by(["sae_id", "k"], maintain_order=True):
+                ax.plot(s["tokens"], s[metric.column], color=colors[k], lw=1.2)
+            ax.set_title(f"{title}\n{metric.label}", fontsize=9)
+            ax.set_xlabel("training tokens", fontsize=8)
+            ax.xaxis.set_major_formatter(EngFormatter())
+            ax.tick_params(labelsize=7)
+            if metric.log:
+                _log_if_positive(ax, part[metric.column])
+    handles = [Line2D([], [], color=c, label=_k(k)) for k, c in colors.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig
+
+
+def plot_firing_rates(df: pl.DataFrame) -> Figure:
+    floor, colors, panels = _floor(df), _k_colors(df["k"]), _by_panel(df)
+    fig, axes = _grid(len(panels), 3)
+    for ax, (title, part) in zip(axes, panels, strict=True):
+        for (_, k), s in part.group_by(["sae_id", "k"], maintain_order=True):
+            dead = int((s["fires"] == 0).sum())
+            rate = s["firing_rate"].to_numpy().clip(floor)
+            ax.step(s["rank"], rate, where="post", color=colors[k], label=f"{_k(k)} ({dead} never fired)")
+        ax.axhline(floor, color="grey", ls=":", lw=1)
+        ax.annotate(
+            "never fired", (0.98, floor), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7
+        )
+        ax.set(xscale="log", yscale="log", title=title, xlabel="latent rank", ylabel="firing rate (share of tokens)")
+        ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def plot_decoder_norms(df: pl.DataFrame) -> Figure:
+    floor, colors, panels = _floor(df), _k_colors(df["k"]), _by_panel(df.filter(pl.col("dec_norm").is_not_null()))
+    fig, axes = _grid(len(panels), 3)
+    for ax, (title, part) in zip(axes, panels, strict=True):
+        for (k,), s in part.group_by(["k"], maintain_order=True):
+            rate = s["firing_rate"].to_numpy().clip(floor)
+            ax.scatter(rate, s["dec_norm"], s=5, alpha=0.6, color=colors[k], label=_k(k))
+        ax.axvline(floor, color="grey", ls=":", lw=1)
+        ax.set_ylim(0, 1.1 * float(part["dec_norm"].max()))  # from 0: float noise around 1 is not a finding
+        ax.set(xscale="log", title=title, xlabel="firing rate (never fired: dotted floor)", ylabel="decoder row norm")
+        ax.legend(fontsize=7, markerscale=2)
+    return fig
+
+
+def plot_k_sweep(df: pl.DataFrame) -> Figure:
+    fig, axes = _grid(2, 2, 5.0, 3.6)
+    ks = df["k"].drop_nulls().unique().sort().to_list()
+    for ax, (col, label) in zip(axes, [("r2", "R²"), ("ce_rec", "CE_rec")], strict=True):
+        for name, s in _series(df):
+            ax.errorbar(s["k"], s[col], yerr=_err(s, col), marker="o", ms=4, capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set(title=f"{label} against k (95% CI)", xlabel="k (active latents per token)", ylabel=label)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_r2_vs_ce(df: pl.DataFrame) -> Figure:
+    fig, (ax,) = _grid(1, 1, 6.5, 4.8)
+    colors, markers = _hook_k_styles(fig, df)
+    for (hook, k), s in df.group_by(["hook", "k"], maintain_order=True):
+        xerr, yerr = _err(s, "r2"), _err(s, "ce_rec")
+        ax.errorbar(s["r2"], s["ce_rec"], yerr, xerr, fmt=markers[hook], color=colors[k], ms=6, capsize=2)
+    ax.set(title="R² against CE_rec, per SAE (95% CIs)", xlabel="R² (1 − FVU)", ylabel="CE_rec (2 − L_sae / L_orig)")
+    return fig
+
+
+def plot_rate_distortion(df: pl.DataFrame) -> Figure:
+    fig, axes = _grid(2, 2, 5.0, 3.6)
+    for ax, (col, label) in zip(axes, [("fvu", "1 − R² (FVU)"), ("ce_gap", "1 − CE_rec")], strict=True):
+        for name, s in _series(df):
+            ax.plot(s["rate_bits"], s[col], marker="o", ms=4, label=name)
+            for x, y, k in s.select("rate_bits", col, "k").iter_rows():
+                ax.annotate(_k(k), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        ax.set(title=f"rate against {label}", xlabel="rate proxy (bits per token)", ylabel=label)
+        _log_if_positive(ax, df["rate_bits"], "x")
+        _log_if_positive(ax, df[col])
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_kl_baselines(df: pl.DataFrame) -> Figure:
+    present = set(df["baseline"])
+    order = [b for b in BASELINES if b in present] + sorted(present - set(BASELINES))
+    fig, axes = _grid(len(order), 3, 4.3, 3.9)
+    colors, markers = _hook_k_styles(fig, df)
+    for ax, baseline in zip(axes, order, strict=True):
+        part = df.filter(pl.col("baseline") == baseline)
+        for (hook, k), s in part.group_by(["hook", "k"], maintain_order=True):
+            ax.scatter(s["kl_baseline"], s["kl_sae"], marker=markers[hook], color=colors[k], s=30)
+        both = pl.concat([part["kl_baseline"], part["kl_sae"]]).drop_nulls()
+        ax.plot([both.min(), both.max()], [both.min(), both.max()], color="grey", ls="--", lw=1)
+        _log_if_positive(ax, both, "x")
+        _log_if_positive(ax, both, "y")
+        ax.set(title=f"{baseline}: {BASELINES.get(baseline, baseline)}", xlabel="mean KL, baseline error patched")
+        ax.set_ylabel("mean KL, SAE reconstruction patched")
+    return fig
+
+
+def plot_kl_gap_by_pos(df: pl.DataFrame) -> Figure:
+    panels = _by_panel(df)
+    fig, axes = _grid(len(panels), 3)
+    for ax, (title, part) in zip(axes, panels, strict=True):
+        for (baseline,), s in part.group_by(["baseline"], maintain_order=True):
+            ax.plot((s["pos_from"] + s["pos_to"]) / 2, s["gap"], marker="o", ms=3, label=baseline)
+        ax.axhline(1, color="grey", ls="--", lw=1)
+        ax.set(title=title, xlabel="position in sequence (bucket centre)", ylabel="KL gap (SAE / baseline)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_layers(df: pl.DataFrame) -> Figure:
+    # A line per kind of hook across depth: its name with its `layer` written {L} (blocks.{L}.hook_resid_post).
+    kind = pl.col("hook").str.split(pl.format(".{}.", "layer")).list.join(".{L}.").fill_null(pl.col("hook"))
+    df = df.with_columns(kind=kind)
+    keys = ["model", "kind", *(["store"] if df["store"].n_unique() > df["model"].n_unique() else [])]
+    fig, axes = _grid(2, 2, 5.0, 3.6)
+    panels = [("pr", "participation ratio"), ("pr_deflated", "PR, top direction removed")]
+    for ax, (col, label) in zip(axes, panels, strict=True):
+        for key, s in df.sort("layer").group_by(keys, maintain_order=True):
+            ax.plot(s["layer"], s[col], marker="o", ms=4, label=" ".join(map(str, key)))
+        ax.set(title=label, xlabel="layer", ylabel=f"{label} (directions)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_error_predictability(df: pl.DataFrame) -> Figure:
+    ids = df["sae_i"].unique(maintain_order=True).to_list()  # the query's order: by layer, then k
+    names = df.unique("sae_i", maintain_order=True).select(pl.format("{} k={}", "hook_i", "k_i")).to_series()
+    wide = df.pivot(on="sae_j", index="sae_i", values="heldout_r2")
+    matrix = wide.join(pl.DataFrame({"sae_i": ids}), on="sae_i", how="right").select([*ids]).to_numpy()
+    side = min(14.0, 3.0 + 0.4 * len(ids))
+    fig, (ax,) = _grid(1, 1, side + 1.5, side)
+    image = ax.imshow(matrix.astype(float), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(ids)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(ids)), names, fontsize=7)
+    ax.set(title="held-out R² of ‖e_column‖ from ‖e_row‖", xlabel="predicted SAE", ylabel="predicting SAE")
+    fig.colorbar(image, ax=ax, label="held-out R²", shrink=0.8)
+    return fig
+
+
+# ---- the report's figures: which function draws which query, and what healthy looks like ---------------
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    name: str  # figures/NAME.png
+    title: str
+    query: str  # the named query in sql/ whose rows it draws
+    plot: Callable[[pl.DataFrame], Figure]
+    what: str  # the caption's first line: what the figure shows
+    healthy: str  # its second line: what a healthy run looks like
+
+
+FIGURES = [
+    FigureSpec(
+        name="training_curves",
+        title="Training curves",
+        query="curves",
+        plot=plot_curves,
+        what="MSE, normalized MSE, explained variance, L0, dead fraction and batch usage against tokens; colour: k.",
+        healthy="Healthy: losses fall and level off, L0 stays at k, the dead fraction near 0, batch usage does not collapse.",
+    ),
+    FigureSpec(
+        name="firing_rates",
+        title="Latent firing rates",
+        query="latents",
+        plot=plot_firing_rates,
+        what="Each latent's firing rate against its rank, log-log; never-fired latents on the dotted floor (counted).",
+        healthy="Healthy: a smooth, gently falling curve, few latents on the floor; a cliff down to it means dead latents.",
+    ),
+    FigureSpec(
+        name="decoder_norms",
+        title="Decoder row norms",
+        query="latents",
+        plot=plot_decoder_norms,
+        what="Each latent's decoder row norm against its firing rate (never-fired latents at the dotted floor).",
+        healthy="Healthy: ours are unit norm (a flat line at 1); in other SAEs, norms near 0 mark latents given up on.",
+    ),
+    FigureSpec(
+        name="k_sweep",
+        title="R² and CE_rec against k",
+        query="summary",
+        plot=plot_k_sweep,
+        what="R² and CE_rec against k with 95% bootstrap CIs over sequences, a line per model and depth.",
+        healthy="Healthy: both rise and level off with short CIs; CE_rec lagging R² means errors hurt beyond their size.",
+    ),
+    FigureSpec(
+        name="r2_vs_ce_rec",
+        title="R² against CE_rec",
+        query="summary",
+        plot=plot_r2_vs_ce,
+        what="Each SAE's R² against its CE_rec with 95% CIs on both; colour: k, marker: hook.",
+        healthy="Healthy: a hook's SAEs lie on one rising band; one below it breaks behaviour beyond its reconstruction.",
+    ),
+    FigureSpec(
+        name="rate_distortion",
+        title="Rate–distortion",
+        query="rate_distortion",
+        plot=plot_rate_distortion,
+        what="Rate proxy (bits/token) against the distortions 1 − R² and 1 − CE_rec, a line per hook, labelled by k.",
+        healthy="Healthy: distortion falls with diminishing returns; a point above and right of a neighbour is dominated.",
+    ),
+    FigureSpec(
+        name="kl_baselines",
+        title="KL under the SAE against each baseline",
+        query="kl_gap",
+        plot=plot_kl_baselines,
+        what="Mean KL with the SAE's reconstruction patched, against a random error of the same size; dashed: y = x.",
+        healthy="Healthy: points on or below the diagonal; above it, the SAE's errors point where the model is sensitive.",
+    ),
+    FigureSpec(
+        name="kl_gap_by_pos",
+        title="KL gap by position",
+        query="kl_gap_by_pos",
+        plot=plot_kl_gap_by_pos,
+        what="KL gap (Σ KL under the SAE / Σ KL under the baseline) by position, pooling a hook's SAEs, per baseline.",
+        healthy="Healthy: flat in position; a jump at the first positions means short contexts drive the headline gap.",
+    ),
+    FigureSpec(
+        name="participation_ratio",
+        title="Participation ratio by layer",
+        query="layers",
+        plot=plot_layers,
+        what="Participation ratio (Σλ)²/Σλ² of each hook's activations by layer, raw and without the top direction.",
+        healthy="Healthy: a smooth profile; a dip in the deflated PR (a 'canyon') is easy in R², not always in behaviour.",
+    ),
+    FigureSpec(
+        name="error_predictability",
+        title="Cross-SAE error predictability",
+        query="cross_sae_predictability",
+        plot=plot_error_predictability,
+        what="Held-out R² of one SAE's per-token error norm (column) predicted from another's (row) on the same tokens.",
+        healthy="Healthy: high within a hook across k (hard tokens are hard for every k), lower across depths.",
+    ),
+]

@@ -1,0 +1,78 @@
+"""Per-token numbers of an SAE on eval tokens, and the random baselines of the SAE error's size.
+
+Why: these are the definitions of docs/METHODS.md ("Activation space", the baselines) in code, kept apart
+from the model runs (actstore/patching.py) and the records driver (actstore/steps/evaluate.py) so each
+reads like the formula it implements and tests can check it against numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+EPS = 1e-10  # docs/METHODS.md: relerr = ‖e‖/(‖x‖ + 1e-10); also the floor of every norm we divide by
+
+
+def baselines(x: Tensor, xh: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+    """The baselines of actstore.tables.BASELINES for (n, d) tokens: random errors of ‖x − x̂‖'s size."""
+    e_norm = (x - xh).norm(dim=-1, keepdim=True)
+    g = torch.randn(x.shape, generator=gen)
+    eps = x + e_norm * g / g.norm(dim=-1, keepdim=True)
+    x_unit = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    u = g - (g * x_unit).sum(-1, keepdim=True) * x_unit
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    c = (x * xh).sum(-1, keepdim=True) / (x.norm(dim=-1, keepdim=True) * xh.norm(dim=-1, keepdim=True)).clamp_min(EPS)
+    samecos = (c * x_unit + (1 - c**2).clamp_min(0).sqrt() * u) * xh.norm(dim=-1, keepdim=True)
+    # π: a random cyclic shift of a random order, so no token is paired with itself; identical
+    # activations (the same token at position 0, say) fall back to the isotropic direction.
+    order = torch.randperm(len(x), generator=gen)
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(1)
+    diff = x - x[partner]
+    diff = torch.where(diff.norm(dim=-1, keepdim=True) > EPS, diff, g)
+    actdiff = x + e_norm * diff / diff.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    return {"eps": eps, "samecos": samecos, "actdiff": actdiff}
+
+
+def activation_metrics(x: Tensor, xh: Tensor, l0: Tensor, mu: Tensor) -> dict[str, np.ndarray]:
+    """Per-token activation-space numbers of docs/METHODS.md for (n, d) tokens, as float32 arrays."""
+    e = x - xh
+    x_norm, xh_norm, e_norm = x.norm(dim=-1), xh.norm(dim=-1), e.norm(dim=-1)
+    dot = (x * xh).sum(-1)
+    out = {
+        "x_norm": x_norm,
+        "recon_norm": xh_norm,
+        "err_norm": e_norm,
+        "sse": e.pow(2).sum(-1),
+        "sst": (x - mu).pow(2).sum(-1),
+        "dot": dot,
+        "cos": dot / (x_norm * xh_norm).clamp_min(EPS),
+        "relerr": e_norm / (x_norm + EPS),
+        "l0": l0.float(),
+    }
+    return {k: v.cpu().numpy().astype(np.float32) for k, v in out.items()}
+
+
+def rate_and_latents(
+    codes: pl.DataFrame, token_rows: np.ndarray, n_tokens: int, d_sae: int, dec_norm: np.ndarray
+) -> tuple[np.ndarray, pl.DataFrame]:
+    """Per-token rate proxy (docs/METHODS.md) and per-latent firing counts, from the codes of n_tokens tokens.
+
+    Rate: Σ over a token's active latents of −log₂ p_i, p_i = latent i's share of all firings on the
+    evaluated tokens, plus 8 bits per active value. `token_rows` gives each code's row in the tokens table.
+    """
+    latent = codes["latent"].to_numpy()
+    fires = np.bincount(latent, minlength=d_sae)
+    bits = -np.log2(np.maximum(fires, 1) / max(len(latent), 1))[latent] + 8.0
+    rate = np.bincount(token_rows, weights=bits, minlength=n_tokens).astype(np.float32)
+    latents = pl.DataFrame(
+        {
+            "latent": np.arange(d_sae, dtype=np.int32),
+            "fires": fires.astype(np.int64),
+            "firing_rate": (fires / n_tokens).astype(np.float64),
+            "dec_norm": dec_norm.astype(np.float32),
+        }
+    )
+    return rate, latents

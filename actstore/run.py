@@ -1,0 +1,181 @@
+"""The run directory: where each artefact of a run lives, how an SAE is named, how tables are read and written.
+
+Why one owner: train, eval, darkmatter, layers, report and bundle all read and write the same directory,
+and a collaborator's tools read it too. The layout:
+
+    RUN/run.json                                  the store and model the run belongs to
+    RUN/saes/<sae_id>/                            cfg.json, sae_weights.safetensors, fire_counts.safetensors
+    RUN/checkpoints/<hook>.pt                     a sweep in progress (train)
+    RUN/darkmatter/<sae_id>/probe.safetensors     the linear error probe (darkmatter)
+    RUN/records/<table>/<key>=<value>/part-0.parquet   the records tables (actstore/tables.py)
+    RUN/report/                                   report.md, report.html, figures/
+
+`sae_id` = `<hook>__k<k>_x<expansion>_<tokens>_s<seed>` (tokens written like 1M or 250k) is built and
+parsed here only; every other module reads an SAE's hook, k, … from the `saes` table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from actstore import atomic
+from actstore.tables import SCHEMA_VERSION, TABLES, polars_schema
+from actstore.units import format_count, parse_count
+
+_SAE_ID = re.compile(r"^(?P<hook>.+)__k(?P<k>\d+)_x(?P<expansion>\d+)_(?P<tokens>[\d.]+[kMB]?)_s(?P<seed>\d+)$")
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """What names an SAE of a sweep: the hook it reads and the sweep's axes."""
+
+    hook: str
+    k: int
+    expansion: int
+    tokens: int
+    seed: int
+
+    @property
+    def sae_id(self) -> str:
+        return f"{self.hook}__k{self.k}_x{self.expansion}_{format_count(self.tokens)}_s{self.seed}"
+
+    @classmethod
+    def parse(cls, sae_id: str) -> SAESpec | None:
+        """The spec an actstore `sae_id` names; None for any other name (an external SAE's directory)."""
+        m = _SAE_ID.match(sae_id)
+        if m is None:
+            return None
+        return cls(m["hook"], int(m["k"]), int(m["expansion"]), parse_count(m["tokens"]), int(m["seed"]))
+
+
+def run_json(run: str | Path) -> Path:
+    return Path(run) / "run.json"
+
+
+def saes_dir(run: str | Path) -> Path:
+    return Path(run) / "saes"
+
+
+def sae_dir(run: str | Path, sae_id: str) -> Path:
+    return saes_dir(run) / sae_id
+
+
+def is_trained(run: str | Path, sae_id: str) -> bool:
+    """An SAE is done once its weights are in place (they are swapped in last)."""
+    return (sae_dir(run, sae_id) / "sae_weights.safetensors").is_file()
+
+
+def trained_sae_dirs(run: str | Path) -> list[Path]:
+    return sorted(p.parent for p in saes_dir(run).glob("*/cfg.json") if not atomic.is_staging(p.parent.name))
+
+
+def checkpoint_path(run: str | Path, hook: str) -> Path:
+    return Path(run) / "checkpoints" / f"{hook}.pt"
+
+
+def probe_path(run: str | Path, sae_id: str) -> Path:
+    return Path(run) / "darkmatter" / sae_id / "probe.safetensors"
+
+
+def report_dir(run: str | Path) -> Path:
+    return Path(run) / "report"
+
+
+def records_dir(run: str | Path) -> Path:
+    return Path(run) / "records"
+
+
+def table_dir(run: str | Path, table: str) -> Path:
+    return records_dir(run) / table
+
+
+def part_path(run: str | Path, table: str, key: str) -> Path:
+    """The one Parquet file of partition `key` (an sae_id, or a hash key) of `table`."""
+    return table_dir(run, table) / f"{TABLES[table].partition}={key}" / "part-0.parquet"
+
+
+def hash_key(text: str) -> str:
+    """A short stable partition key for tables keyed by a store path or a model name."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def part_files(run: str | Path, table: str) -> list[Path]:
+    """A table's committed files (never a staging directory left by a killed write)."""
+    found = table_dir(run, table).glob("*=*/part-0.parquet")
+    return sorted(p for p in found if not atomic.is_staging(p.parent.name))
+
+
+def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` cast to the table's schema, columns in schema order; a column the schema lacks is an error,
+    a schema column the frame lacks is written as NULLs (an external SAE has no seed, say)."""
+    schema = polars_schema(table)
+    partition = TABLES[table].partition
+    extra = sorted(set(frame.columns) - set(schema) - {partition})
+    if extra:
+        raise ValueError(f"columns {extra} are not in the {table} schema (actstore/tables.py)")
+    return frame.select(
+        (pl.col(name) if name in frame.columns else pl.lit(None)).cast(dtype).alias(name)
+        for name, dtype in schema.items()
+    )
+
+
+def write_tables(run: str | Path, key: str, frames: dict[str, pl.DataFrame]) -> None:
+    """Replace partition `key` of each table together: all written aside, then renamed into place."""
+    finals = [part_path(run, table, key).parent for table in frames]
+    with atomic.replacing(*finals) as stages:
+        for stage, (table, frame) in zip(stages, frames.items(), strict=True):
+            stage.mkdir(parents=True)
+            conform(table, frame).write_parquet(
+                stage / "part-0.parquet", compression="zstd", metadata={"actstore_schema": SCHEMA_VERSION}
+            )
+
+
+def read_table(run: str | Path, table: str) -> pl.DataFrame:
+    """A whole table with its partition key as a column; empty (no columns) when the run has none."""
+    files = part_files(run, table)
+    if not files:
+        return pl.DataFrame()
+    return pl.read_parquet(files, hive_partitioning=True)
+
+
+def saes_row(
+    *,
+    model: str | None,
+    hook: str,
+    n_layers: int | None,
+    d_model: int,
+    d_sae: int,
+    k: int | None,
+    expansion: int,
+    train_tokens: int | None,
+    seed: int | None,
+    architecture: str,
+    path: str,
+) -> pl.DataFrame:
+    """The `saes` row of one SAE (train writes it for ours when it saves one; eval for external SAEs)."""
+    from actstore.model import hook_layer
+
+    return pl.DataFrame(
+        [
+            {
+                "model": model,
+                "hook": hook,
+                "layer": hook_layer(hook),
+                "n_layers": n_layers,
+                "d_model": d_model,
+                "d_sae": d_sae,
+                "k": k,
+                "expansion": expansion,
+                "train_tokens": train_tokens,
+                "seed": seed,
+                "architecture": architecture,
+                "path": path,
+            }
+        ],
+        schema=polars_schema("saes"),
+    )

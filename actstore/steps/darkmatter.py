@@ -1,0 +1,187 @@
+"""`actstore darkmatter`: how much of an SAE's error is a linear function of the input.
+
+Why (Engels, Smith & Tegmark, "Decomposing the dark matter of sparse autoencoders"): if a linear map of
+x predicts the error e = x − x̂, that part of the "dark matter" is structure the SAE missed, not noise.
+From the eval store's activations and the reconstructions eval wrote, this fits on even sequences and
+scores on odd ones (docs/METHODS.md):
+- the linear error probe x → e (LinearError; NonlinearError = e − LinearError): vector R² and the FVU
+  split into linear and nonlinear parts;
+- the norm prediction test: x → ‖e‖², ‖x‖², ‖x̂‖², ‖NonlinearError‖², held-out R² each;
+- on the held-out sequences, the model with x̂ + LinearError and with x̂ + NonlinearError patched in
+  (through actstore/patching.py, as eval patches): how much of the SAE's CE gap each part closes.
+It reads eval's records and reconstructions and writes its own tables (`darkmatter`,
+`darkmatter_tokens`) and the probe's weights: eval and dark matter meet only through files.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from actstore import atomic
+from actstore import run as rundir
+from actstore import store as st
+from actstore.errors import UsageError
+from actstore.model import COMPUTE_DTYPES, LoadedModel, load_model, resolve_device
+from actstore.options import option, positive
+from actstore.patching import Patcher, batches, place
+from actstore.progress import token_bar
+from actstore.saeio import EvalSAE, load_eval_sae
+
+
+def fit_affine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares y ≈ [x, 1] @ W (float64); W has d_x + 1 rows, the last the intercept."""
+    a = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+    return np.linalg.lstsq(a, y.astype(np.float64), rcond=None)[0]
+
+
+def apply_affine(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) @ w[:-1] + w[-1]
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per-column 1 − SS_res/SS_tot (a 1-D y gives a scalar)."""
+    return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+
+
+def load_probe(run: str | Path, sae_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) of the linear error probe, LinearError(x) = x @ W + b; None if none was fitted."""
+    path = rundir.probe_path(run, sae_id)
+    if not path.is_file():
+        return None
+    t = load_file(str(path))
+    return t["W"], t["b"]
+
+
+def analyse(x: np.ndarray, xh: np.ndarray, fit: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Dark-matter numbers of one SAE on (n, d) tokens; `fit` marks the fit split. Returns (row, W)."""
+    e = x - xh
+    test = ~fit
+    w = fit_affine(x[fit], e[fit])
+    lin = apply_affine(w, x[test])
+    nonlin = e[test] - lin
+    sst = ((x[test] - x[test].mean(0)) ** 2).sum()
+    targets = {
+        "err": (e**2).sum(1),
+        "x": (x.astype(np.float64) ** 2).sum(1),
+        "recon": (xh.astype(np.float64) ** 2).sum(1),
+    }
+    nonlin_all = e - apply_affine(w, x)
+    targets["nonlinear"] = (nonlin_all**2).sum(1)
+    row = {
+        "n_fit": int(fit.sum()),
+        "n_test": int(test.sum()),
+        "vector_r2": float(np.mean(r2_score(e[test].astype(np.float64), lin))),
+        "fvu": float((e[test].astype(np.float64) ** 2).sum() / sst),
+        "fvu_linear": float((lin**2).sum() / sst),
+        "fvu_nonlinear": float((nonlin**2).sum() / sst),
+    }
+    for name, y in targets.items():
+        wn = fit_affine(x[fit], y[fit])
+        row[f"norm_r2_{name}"] = float(r2_score(y[test], apply_affine(wn, x[test])))
+    return row, w
+
+
+@dataclass(frozen=True)
+class DarkmatterOptions:
+    """Which evaluated sequences the probes use, and how the patches run."""
+
+    max_seqs: int | None = option(None, "Use only the first N evaluated sequences (at least 2: even fit, odd score).")
+    batch_size: int = option(16, "Sequences per forward pass of the patches.")
+    device: str = option("cpu", "cpu, cuda or cuda:N.")
+    compute_dtype: str = option("float32", "Dtype the model runs in.", choices=tuple(COMPUTE_DTYPES))
+
+    def __post_init__(self) -> None:
+        positive("max_seqs", self.max_seqs, allow_none=True, minimum=2)
+        positive("batch_size", self.batch_size)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"unknown --compute-dtype {self.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+        resolve_device(self.device)
+
+
+def darkmatter(
+    run: str,
+    options: DarkmatterOptions = DarkmatterOptions(),
+    *,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+) -> pl.DataFrame:
+    """Fit the probes of every evaluated SAE of RUN and patch their parts; returns the `darkmatter` rows."""
+    saes, evals = rundir.read_table(run, "saes"), rundir.read_table(run, "evals")
+    if saes.is_empty() or evals.is_empty():
+        raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")
+    evaluated = saes.join(evals.select("sae_id", "store", "n_seq", "patch_pos"), on="sae_id").sort("sae_id")
+    models: dict[str, LoadedModel] = {}
+    rows = []
+    for sae in evaluated.iter_rows(named=True):
+        sae_id, hook = sae["sae_id"], sae["hook"]
+        group = st.open_store(sae["store"])
+        n_seq = min(int(sae["n_seq"]), options.max_seqs or int(sae["n_seq"]))
+        if n_seq < 2:
+            raise UsageError(f"{sae_id} was evaluated on {n_seq} sequence; dark matter needs at least 2 (fit/test)")
+        x = st.read_acts(group, hook, slice(0, n_seq))
+        xh = st.read_recon(group, hook, sae_id, slice(0, n_seq))
+        seq_len, d = x.shape[1], x.shape[2]
+        fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
+        row, w = analyse(x.reshape(-1, d), xh.reshape(-1, d), fit)
+        del x, xh
+        probe = rundir.probe_path(run, sae_id)
+        probe_w, probe_b = torch.from_numpy(w[:-1]).float(), torch.from_numpy(w[-1]).float()
+        with atomic.replacing(probe) as (stage,):
+            save_file({"W": probe_w, "b": probe_b}, str(stage))
+        name = group.attrs.get("model", {}).get("name")
+        if loaded is not None and loaded.name == name:
+            models[name] = loaded
+        if name not in models:
+            models[name] = load_model(name, options.device, options.compute_dtype)
+        patched = patch_parts(
+            group, models[name], load_eval_sae(sae["path"], sae_id).to(options.device), (probe_w, probe_b),
+            range(1, n_seq, 2), sae["patch_pos"], options, progress,
+        )  # fmt: skip
+        frame = pl.DataFrame([{"hook": hook, "store": sae["store"], **row, "probe": str(probe)}])
+        rundir.write_tables(
+            run, sae_id, {"darkmatter": frame, "darkmatter_tokens": patched.with_columns(store=pl.lit(sae["store"]))}
+        )
+        rows.append({"sae_id": sae_id, **frame.row(0, named=True)})
+        if progress:
+            print(f"darkmatter {sae_id}: vector R² {row['vector_r2']:.3f}", file=sys.stderr)
+    return pl.DataFrame(rows)
+
+
+def patch_parts(
+    group: Any,
+    model: LoadedModel,
+    sae: EvalSAE,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    seqs: range,
+    patch_pos: int | None,
+    o: DarkmatterOptions,
+    progress: bool,
+) -> pl.DataFrame:
+    """CE and KL with x̂ + LinearError and with x̂ + NonlinearError (= x − LinearError) patched in."""
+    w, b = (t.to(o.device) for t in probe)
+    patcher = Patcher(model, sae.hook)
+    cols: dict[str, list[np.ndarray]] = {}
+    bar = token_bar(progress, len(seqs) * int(group["tokens"].shape[1]), f"darkmatter {sae.sae_id}")
+    for batch in batches(group, model, patcher, seqs, o.batch_size, o.device):
+        xf = batch.x.reshape(-1, batch.x.shape[2])
+        xh = sae.decode(*sae.encode(xf))
+        linear = xf @ w + b
+        row = {k: v for k, v in batch.token_key().items() if k in ("seq", "pos")}
+        for name, candidate in {"linear": xh + linear, "nonlinear": xf - linear}.items():
+            replacement = place(batch.x_live, candidate.reshape(batch.x.shape), patch_pos)
+            row[f"ce_{name}"], row[f"kl_{name}"] = batch.clean.score(patcher.logits(batch.tokens, replacement))
+        for key, value in row.items():
+            cols.setdefault(key, []).append(value)
+        if bar is not None:
+            bar.update(batch.tokens.numel())
+    if bar is not None:
+        bar.close()
+    return pl.DataFrame({k: np.concatenate(v) for k, v in cols.items()}).with_columns(pl.col(pl.Float32).fill_nan(None))

@@ -1,0 +1,242 @@
+"""`actstore eval`: per-token records of SAEs on an eval store, running the model once.
+
+Why this shape: every later question (R² vs CE, KL gaps, error predictability, bootstrap CIs) needs many
+numbers per token, so they are all computed here, in one pass, and written as Parquet (the tables of
+actstore/tables.py). Per batch the clean prefix runs once (actstore/patching.py); per SAE the patches
+are its x̂, zero ablation and the baselines of its error's size (actstore/metrics.py), each scored
+against the clean distribution. Reconstructions go into the eval store as `recon/<sae_id>/<hook>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from actstore import __version__
+from actstore import run as rundir
+from actstore import store as st
+from actstore.errors import StoreError, UsageError
+from actstore.geometry import moments
+from actstore.metrics import activation_metrics, baselines, rate_and_latents
+from actstore.model import COMPUTE_DTYPES, LoadedModel, load_model, resolve_device
+from actstore.options import option, positive
+from actstore.patching import Batch, Patcher, batches, place
+from actstore.progress import plural_saes, token_bar
+from actstore.saeio import EvalSAE, load_eval_sae
+from actstore.steps.layers import write_layers
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How SAEs are evaluated; stored as JSON with every evaluation."""
+
+    batch_size: int = option(16, "Sequences per forward pass.")
+    seed: int = option(0, "Seed of the random baselines (stored with the records).")
+    patch_pos: int | None = option(None, "Single-position mode: patch only this position, record every position.")
+    max_seqs: int | None = option(None, "Evaluate only the first N sequences of the store.")
+    device: str = option("cpu", "cpu, cuda or cuda:N.")
+    compute_dtype: str = option("float32", "Dtype the model runs in.", choices=tuple(COMPUTE_DTYPES))
+
+    def __post_init__(self) -> None:
+        positive("batch_size", self.batch_size)
+        positive("max_seqs", self.max_seqs, allow_none=True)
+        positive("patch_pos", self.patch_pos, allow_none=True, minimum=0)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"unknown --compute-dtype {self.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+        resolve_device(self.device)
+
+
+def evaluate(
+    eval_store: str,
+    run: str,
+    sae_paths: list[str] | None = None,
+    options: EvalOptions = EvalOptions(),
+    *,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+) -> list[str]:
+    """Evaluate SAEs (all of RUN/saes, or `sae_paths`) on `eval_store`; returns the evaluated sae_ids.
+
+    `loaded` reuses a model already booted for the store's model (benchmarks, notebooks).
+    """
+    group = st.open_store(eval_store, mode="r+")
+    n_store = int(group["tokens"].shape[0])
+    if st.committed(group) < n_store:
+        raise StoreError(
+            f"{eval_store} is incomplete ({st.committed(group)} of {n_store} sequences); finish its harvest first"
+        )
+    saes = load_saes(run, sae_paths)
+    hooks = st.hooks_of(group)
+    for s in saes:
+        if s.hook not in hooks:
+            raise UsageError(f"SAE {s.sae_id} reads {s.hook}, which {eval_store} lacks; it has {', '.join(hooks)}")
+        d = int(group["acts"][s.hook].shape[2])
+        if s.d_in != d:
+            raise UsageError(f"SAE {s.sae_id} has d_in {s.d_in} but {s.hook} in {eval_store} is {d} wide")
+    seq_len = int(group["tokens"].shape[1])
+    if options.patch_pos is not None and options.patch_pos >= seq_len:
+        raise UsageError(f"--patch-pos {options.patch_pos} is outside the sequence (0…{seq_len - 1})")
+    model_name = group.attrs.get("model", {}).get("name")
+    model = loaded or load_model(model_name, options.device, options.compute_dtype)
+    n_seq = min(n_store, options.max_seqs or n_store)
+    stats = {h: moments(group, h, n_seq) for h in hooks}  # μ for sst, and the layers table's covariance
+    known = rundir.read_table(run, "saes")
+    known_ids = set(known["sae_id"]) if known.height else set()
+    done = []
+    for hook in dict.fromkeys(s.hook for s in saes):
+        hook_saes = [s.to(options.device) for s in saes if s.hook == hook]
+        mu = torch.from_numpy(stats[hook][0]).float().to(options.device)
+        frames = _evaluate_hook(group, eval_store, model, hook, hook_saes, n_seq, options, progress, mu)
+        for s in hook_saes:
+            if s.sae_id not in known_ids:  # an external SAE: train wrote no row for it
+                frames[s.sae_id]["saes"] = _saes_row(s, group)
+            rundir.write_tables(run, s.sae_id, frames[s.sae_id])
+            done.append(s.sae_id)
+    write_layers(eval_store, run, max_seqs=n_seq, known=stats)  # the geometry of every hook of the eval store
+    _write_vocab(run, model, model_name, st.read_tokens(group, slice(0, n_seq)))
+    return done
+
+
+def load_saes(run: str, sae_paths: list[str] | None) -> list[EvalSAE]:
+    """The SAEs to evaluate: those given, else every trained SAE of the run."""
+    paths = sae_paths or [str(p) for p in rundir.trained_sae_dirs(run)]
+    if not paths:
+        raise UsageError(f"no SAEs in {run}/saes and none given with --sae; train some with `actstore train`")
+    return [load_eval_sae(p) for p in paths]
+
+
+def _saes_row(s: EvalSAE, group: Any) -> pl.DataFrame:
+    meta = s.cfg.get("actstore", {})
+    model = group.attrs.get("model", {})
+    return rundir.saes_row(
+        model=model.get("name"),
+        hook=s.hook,
+        n_layers=model.get("config", {}).get("n_layers"),
+        d_model=s.d_in,
+        d_sae=s.d_sae,
+        k=s.k,
+        expansion=meta.get("expansion", s.d_sae // s.d_in),
+        train_tokens=meta.get("train_tokens"),
+        seed=meta.get("seed"),
+        architecture=s.architecture,
+        path=s.path,
+    )
+
+
+def _write_vocab(run: str, model: LoadedModel, model_name: str, tokens: np.ndarray) -> None:
+    """The text of every token id seen, so queries can show tokens, not ids (`vocab`, one partition per model)."""
+    ids = np.unique(tokens).tolist()
+    frame = pl.DataFrame(
+        {"model": [model_name] * len(ids), "token": ids, "text": [model.tokenizer.decode([i]) for i in ids]}
+    )
+    key = rundir.hash_key(str(model_name))
+    old = rundir.part_path(run, "vocab", key)
+    if old.is_file():  # other eval stores of this model saw other tokens: keep theirs too
+        frame = pl.concat([pl.read_parquet(old).select(frame.columns), rundir.conform("vocab", frame)])
+        frame = frame.unique("token", keep="last")
+    rundir.write_tables(run, key, {"vocab": frame.sort("token")})
+
+
+class _Collected:
+    """One SAE's per-token columns and codes, gathered batch by batch."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[np.ndarray]] = {}
+        self.codes: list[dict[str, np.ndarray]] = []
+        self.code_rows: list[np.ndarray] = []
+        self.n_tokens = 0
+
+    def add(self, row: dict[str, np.ndarray], codes: dict[str, np.ndarray], rows: np.ndarray) -> None:
+        for key, value in row.items():
+            self.cols.setdefault(key, []).append(value)
+        self.codes.append(codes)
+        self.code_rows.append(rows + self.n_tokens)
+        self.n_tokens += len(row["seq"])
+
+
+def sparse_codes(
+    batch: Batch, top_acts: torch.Tensor, top_indices: torch.Tensor
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The `codes` rows of a batch (active latents only, by latent within a token) and each one's token row."""
+    idx, order = top_indices.sort(dim=-1)
+    vals = top_acts.gather(-1, order)
+    token_row, slot = (vals != 0).nonzero(as_tuple=True)
+    seq_len = batch.tokens.shape[1]
+    token_row_np = token_row.cpu().numpy()
+    return {
+        "seq": batch.seqs[token_row_np // seq_len],
+        "pos": (token_row_np % seq_len).astype(np.int16),
+        "latent": idx[token_row, slot].cpu().numpy().astype(np.int32),
+        "value": vals[token_row, slot].cpu().numpy().astype(np.float32),
+    }, token_row_np
+
+
+def _evaluate_hook(
+    group: Any,
+    store_path: str,
+    model: LoadedModel,
+    hook: str,
+    saes: list[EvalSAE],
+    n_seq: int,
+    o: EvalOptions,
+    progress: bool,
+    mu: torch.Tensor,
+) -> dict[str, dict[str, pl.DataFrame]]:
+    seq_len = int(group["tokens"].shape[1])
+    patcher = Patcher(model, hook)
+    recon = {s.sae_id: st.recon_array(group, hook, s.sae_id) for s in saes}
+    collected = {s.sae_id: _Collected() for s in saes}
+    bar = token_bar(progress, n_seq * seq_len, f"eval {hook} ({plural_saes(len(saes))})")
+    for b, batch in enumerate(batches(group, model, patcher, range(n_seq), o.batch_size, o.device)):
+        x, x_live, clean = batch.x, batch.x_live, batch.clean
+        d = x.shape[2]
+        base = {**batch.token_key(), "ce_orig": clean.ce.cpu().numpy()}
+        zero = place(x_live, torch.zeros_like(x_live), o.patch_pos)
+        base["ce_zero"], base["kl_zero"] = clean.score(patcher.logits(batch.tokens, zero))
+        for s in saes:
+            xf = x.reshape(-1, d)
+            codes = s.encode(xf)
+            xh = s.decode(*codes)
+            row = {**base, **activation_metrics(xf, xh, (codes.top_acts != 0).sum(-1), mu)}
+            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b)
+            patches = {"patched": xh.cpu(), **baselines(xf.cpu(), xh.cpu(), gen)}
+            for name, candidate in patches.items():
+                replacement = place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos)
+                row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, replacement))
+            collected[s.sae_id].add(row, *sparse_codes(batch, *codes))
+            span = slice(int(batch.seqs[0]), int(batch.seqs[-1]) + 1)
+            recon[s.sae_id][span] = st.to_stored(xh.reshape(x.shape), st.stored_dtype(recon[s.sae_id]))
+        if bar is not None:
+            bar.update(x.shape[0] * seq_len)
+    if bar is not None:
+        bar.close()
+    return {s.sae_id: _frames(s, store_path, collected[s.sae_id], n_seq, o) for s in saes}
+
+
+def _frames(s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptions) -> dict[str, pl.DataFrame]:
+    codes = pl.DataFrame({k: np.concatenate([part[k] for part in c.codes]) for k in ("seq", "pos", "latent", "value")})
+    dec_norm = s.W_dec.float().norm(dim=-1).cpu().numpy()
+    rate, latents = rate_and_latents(codes, np.concatenate(c.code_rows), c.n_tokens, s.d_sae, dec_norm)
+    tokens = pl.DataFrame({k: np.concatenate(v) for k, v in c.cols.items()}).with_columns(
+        pl.Series("rate_bits", rate), pl.lit(str(store_path)).alias("store"), pl.col(pl.Float32).fill_nan(None)
+    )
+    evals = pl.DataFrame(
+        [
+            {
+                "store": str(store_path),
+                "n_seq": n_seq,
+                "n_tokens": c.n_tokens,
+                "seed": o.seed,
+                "patch_pos": o.patch_pos,
+                "options": json.dumps(asdict(o), sort_keys=True),
+                "actstore": __version__,
+                "created": st.now(),
+            }
+        ]
+    )
+    return {"tokens": tokens, "codes": codes, "latents": latents, "evals": evals}

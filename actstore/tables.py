@@ -1,0 +1,268 @@
+"""The records tables as data: every column's name, type and one-line meaning, defined once.
+
+Why: the Parquet records are the contract between the steps that write them and every reader (the SQL
+of `sql/`, the report, a collaborator's bare DuckDB). Writers cast their frames to these schemas (an
+unknown or missing column is a bug, caught at write time); `actstore sql` builds empty typed views from
+them; the bundle README and docs/METHODS.md describe the same columns. Definitions of the numbers are
+in docs/METHODS.md; this module says which columns exist and what each holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = "1"
+
+# The perturbation baselines: random errors of the SAE error's size (docs/METHODS.md). Eval patches each
+# and writes ce_<name>/kl_<name>; the SQL macro `baseline_kl` finds them as the tokens table's kl_*
+# columns other than kl_patched and kl_zero, so adding one here is the only change a new baseline needs.
+BASELINES = {
+    "eps": "ε-random, same L2 distance",
+    "samecos": "random, same cosine",
+    "actdiff": "activation difference",
+}
+PATCHES = ("patched", "zero", *BASELINES)  # what eval patches besides the clean pass (`orig`)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # a DuckDB type: VARCHAR, INTEGER, SMALLINT, BIGINT, FLOAT, DOUBLE, BOOLEAN
+    meaning: str
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    about: str  # one row per …
+    partition: str  # the Hive key of its directories: sae_id, or a hash key for per-store/per-model tables
+    columns: tuple[Column, ...]
+    writer: str  # the command that writes it (named in hints when a run lacks the table)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+def _cols(spec: str) -> tuple[Column, ...]:
+    """Columns from lines `name TYPE meaning`."""
+    out = []
+    for line in filter(str.strip, spec.splitlines()):
+        name, type_, meaning = line.strip().split(None, 2)
+        out.append(Column(name, type_, meaning))
+    return tuple(out)
+
+
+def _patch_columns() -> str:
+    lines = ["ce_orig FLOAT next-token cross-entropy of the clean model (NULL at the last position)"]
+    what = {"patched": "the SAE's x̂", "zero": "zeros (ablation)"} | {
+        b: f"the {d} baseline" for b, d in BASELINES.items()
+    }
+    for patch in PATCHES:
+        lines.append(f"ce_{patch} FLOAT cross-entropy with {what[patch]} patched in at the hook")
+        lines.append(f"kl_{patch} FLOAT KL(P_clean ‖ Q) over the vocabulary with {what[patch]} patched in")
+    return "\n".join(lines)
+
+
+TOKEN_KEY = """
+store VARCHAR eval store the token comes from (as given to eval)
+seq INTEGER sequence index in the store
+pos SMALLINT position in the sequence
+"""
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table(
+            "saes",
+            "one row per SAE",
+            "sae_id",
+            _cols("""
+            model VARCHAR model the SAE's activations come from
+            hook VARCHAR TransformerLens hook name
+            layer INTEGER block of the hook (-1 before the first block)
+            n_layers INTEGER blocks of the model
+            d_model INTEGER width of the hook's activations (the SAE's d_in)
+            d_sae INTEGER latents
+            k INTEGER active latents per token (TopK; NULL for other architectures)
+            expansion INTEGER d_sae / d_model
+            train_tokens BIGINT tokens the SAE was trained on
+            seed INTEGER initialisation seed
+            architecture VARCHAR topk, relu or jumprelu
+            path VARCHAR directory of the SAE's weights
+        """),
+            "`actstore train` (our SAEs) or `actstore eval` (external ones)",
+        ),
+        Table(
+            "tokens",
+            "one row per (SAE, eval token)",
+            "sae_id",
+            _cols(
+                TOKEN_KEY
+                + """
+            token INTEGER token id at pos
+            next_token INTEGER token id at pos + 1 (-1 at the last position)
+            x_norm FLOAT ‖x‖
+            recon_norm FLOAT ‖x̂‖
+            err_norm FLOAT ‖e‖ = ‖x − x̂‖
+            sse FLOAT ‖e‖²
+            sst FLOAT ‖x − μ‖², μ the eval-set mean of the hook
+            dot FLOAT x·x̂
+            cos FLOAT x·x̂ / (‖x‖‖x̂‖)
+            relerr FLOAT ‖e‖ / (‖x‖ + 1e-10)
+            l0 FLOAT active latents
+            rate_bits FLOAT rate proxy: Σ −log₂ p_i over active latents + 8 bits per value
+        """
+                + _patch_columns()
+            ),
+            "eval",
+        ),
+        Table(
+            "codes",
+            "one row per (SAE, eval token, active latent)",
+            "sae_id",
+            _cols("""
+            seq INTEGER sequence index in the eval store
+            pos SMALLINT position in the sequence
+            latent INTEGER latent index
+            value FLOAT its activation
+        """),
+            "`actstore eval EVAL_STORE --run RUN`",
+        ),
+        Table(
+            "latents",
+            "one row per (SAE, latent)",
+            "sae_id",
+            _cols("""
+            latent INTEGER latent index
+            fires BIGINT eval tokens it was active on
+            firing_rate DOUBLE fires / eval tokens
+            dec_norm FLOAT norm of its decoder row
+        """),
+            "`actstore eval EVAL_STORE --run RUN`",
+        ),
+        Table(
+            "evals",
+            "one row per SAE evaluation",
+            "sae_id",
+            _cols("""
+            store VARCHAR eval store
+            n_seq INTEGER sequences evaluated
+            n_tokens BIGINT tokens evaluated
+            seed INTEGER seed of the baselines' random draws
+            patch_pos INTEGER the only patched position (NULL: every position)
+            options VARCHAR every eval option, as JSON
+            actstore VARCHAR actstore version
+            created VARCHAR UTC time written
+        """),
+            "`actstore eval EVAL_STORE --run RUN`",
+        ),
+        Table(
+            "curves",
+            "one row per (SAE, logged training step)",
+            "sae_id",
+            _cols("""
+            step INTEGER optimiser steps so far
+            tokens BIGINT training tokens so far
+            mse DOUBLE mean over the batch of ‖e‖²/d
+            nmse DOUBLE mean over the batch of ‖e‖²/‖x‖²
+            explained_variance DOUBLE 1 − fvu
+            fvu DOUBLE Σ‖e‖² / Σ‖x − mean(x)‖² on the batch
+            l0 DOUBLE mean active latents per token
+            dead_frac DOUBLE share of latents silent for the dead window
+            batch_usage DOUBLE share of latents active in the batch
+            lr DOUBLE learning rate of the step
+            aux_loss DOUBLE AuxK loss
+        """),
+            "`actstore train`",
+        ),
+        Table(
+            "darkmatter",
+            "one row per SAE: its linear error probe",
+            "sae_id",
+            _cols("""
+            hook VARCHAR hook of the SAE
+            store VARCHAR eval store the probe was fitted on
+            n_fit BIGINT tokens the probe was fitted on (even sequences)
+            n_test BIGINT held-out tokens (odd sequences)
+            vector_r2 DOUBLE held-out R² of x → e, mean over dimensions
+            fvu DOUBLE held-out FVU of the SAE
+            fvu_linear DOUBLE ‖LinearError‖² / SST on held-out tokens
+            fvu_nonlinear DOUBLE ‖NonlinearError‖² / SST on held-out tokens
+            norm_r2_err DOUBLE held-out R² of x → ‖e‖²
+            norm_r2_x DOUBLE held-out R² of x → ‖x‖²
+            norm_r2_recon DOUBLE held-out R² of x → ‖x̂‖²
+            norm_r2_nonlinear DOUBLE held-out R² of x → ‖NonlinearError‖²
+            probe VARCHAR file of the probe's weights
+        """),
+            "`actstore darkmatter RUN`",
+        ),
+        Table(
+            "darkmatter_tokens",
+            "one row per (SAE, held-out eval token)",
+            "sae_id",
+            _cols(
+                TOKEN_KEY
+                + """
+            ce_linear FLOAT cross-entropy with x̂ + LinearError patched in
+            kl_linear FLOAT KL(P_clean ‖ Q) with x̂ + LinearError patched in
+            ce_nonlinear FLOAT cross-entropy with x̂ + NonlinearError patched in
+            kl_nonlinear FLOAT KL(P_clean ‖ Q) with x̂ + NonlinearError patched in
+        """
+            ),
+            "`actstore darkmatter RUN`",
+        ),
+        Table(
+            "layers",
+            "one row per (store, hook)",
+            "store_key",
+            _cols("""
+            store VARCHAR the store (absolute path or URL)
+            model VARCHAR model of the store
+            hook VARCHAR hook name
+            layer INTEGER block of the hook
+            d_model INTEGER width of the activations
+            n_tokens BIGINT tokens the moments were taken over
+            pr DOUBLE participation ratio (Σλ)²/Σλ² of the covariance
+            pr_deflated DOUBLE the same without the top eigen-direction
+            variance DOUBLE Σλ, total variance
+            top_share DOUBLE λ_max / Σλ
+        """),
+            "`actstore eval` or `actstore layers STORE --run RUN`",
+        ),
+        Table(
+            "vocab",
+            "one row per (model, token id seen)",
+            "model_key",
+            _cols("""
+            model VARCHAR model name
+            token INTEGER token id
+            text VARCHAR the token's text
+        """),
+            "`actstore eval EVAL_STORE --run RUN`",
+        ),
+    )
+}
+
+
+def polars_schema(table: str) -> dict:
+    """The polars dtypes of a table's columns (what writers cast to)."""
+    import polars as pl
+
+    types = {
+        "VARCHAR": pl.String,
+        "INTEGER": pl.Int32,
+        "SMALLINT": pl.Int16,
+        "BIGINT": pl.Int64,
+        "FLOAT": pl.Float32,
+        "DOUBLE": pl.Float64,
+        "BOOLEAN": pl.Boolean,
+    }
+    return {c.name: types[c.type] for c in TABLES[table].columns}
+
+
+def empty_view_sql(table: str) -> str:
+    """`SELECT … WHERE false` with the table's typed columns: the view of a table a run lacks."""
+    t = TABLES[table]
+    cols = [f"NULL::VARCHAR AS {t.partition}"] + [f"NULL::{c.type} AS {c.name}" for c in t.columns]
+    return f"SELECT {', '.join(cols)} WHERE false"
