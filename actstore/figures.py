@@ -14,104 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import polars as pl
-from matplotlib import colormaps
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import EngFormatter
 
+from actstore import plotting as pt
 from actstore.tables import BASELINES
-
-MARKERS = "osD^v<>pPhX*"
-NO_K = (0.5, 0.5, 0.5, 1.0)  # the colour of SAEs without a k (not TopK)
-
-# ---- plotting helpers ---------------------------------------------------------------------------------
-
-
-def _grid(n: int, ncols: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, list[Axes]]:
-    """A constrained-layout figure with n panels, ncols to a row (spare panels hidden)."""
-    ncols = max(1, min(ncols, n))
-    fig = Figure(figsize=(width * ncols, height * -(-n // ncols)), layout="constrained")
-    axes = list(fig.subplots(-(-n // ncols), ncols, squeeze=False).ravel())
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
-def _depth(df: pl.DataFrame) -> list[str]:
-    """The columns that put hooks in depth order: the `layer` the query gives, then the hook's name."""
-    return ["layer", "hook"] if "layer" in df.columns else ["hook"]
-
-
-def _k(k: int | None) -> str:
-    return "no k" if k is None else f"k={k}"
-
-
-def _k_colors(ks: pl.Series) -> dict[int | None, tuple]:
-    """One viridis colour per k, small k dark (the pale yellow end is left out: unreadable on white)."""
-    values = ks.drop_nulls().unique().sort().to_list()
-    colors = {k: colormaps["viridis"](0.85 * i / max(1, len(values) - 1)) for i, k in enumerate(values)}
-    return colors | ({None: NO_K} if ks.null_count() else {})
-
-
-def _hook_k_styles(fig: Figure, df: pl.DataFrame) -> tuple[dict[int | None, tuple], dict[str, str]]:
-    """Colour by k and marker by hook for scatter plots, with the figure's legend of both."""
-    hooks = df.sort(_depth(df), nulls_last=True)["hook"].unique(maintain_order=True).to_list()
-    colors, markers = _k_colors(df["k"]), {h: MARKERS[i % len(MARKERS)] for i, h in enumerate(hooks)}
-    handles = [Line2D([], [], ls="", marker=m, color="grey", label=h) for h, m in markers.items()]
-    handles += [Line2D([], [], ls="", marker="s", color=c, label=_k(k)) for k, c in colors.items()]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    return colors, markers
-
-
-def _by_panel(df: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-    """The rows of each (model ×) hook in depth order, titled by the hook (and the model, when several)."""
-    keys = [c for c in ("model", "hook") if c in df.columns]
-    several = "model" in df.columns and df["model"].n_unique() > 1
-    ordered = df.sort([*keys[:-1], *_depth(df)], nulls_last=True, maintain_order=True)
-    groups = ordered.group_by(keys, maintain_order=True)
-    return [(" · ".join(map(str, key)) if several else str(key[-1]), part) for key, part in groups]
-
-
-def _series(df: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-    """One line per model and depth, sorted by k; budgets, sizes or seeds that vary get lines of their own."""
-    extra = [c for c in ("d_sae", "train_tokens", "seed") if df[c].n_unique() > 1]
-    several = df["model"].n_unique() > 1
-    ordered = df.sort(["model", *_depth(df)], nulls_last=True, maintain_order=True)
-    out = []
-    for key, part in ordered.group_by(["model", "hook", *extra], maintain_order=True):
-        words = [str(key[0])] * several + [str(key[1])] + [f"{c}={v}" for c, v in zip(extra, key[2:], strict=True)]
-        out.append((" ".join(words), part.sort("k")))
-    return out
-
-
-def _log_if_positive(ax: Axes, values: pl.Series, axis: str = "y") -> None:
-    """A log axis when every value is positive; under two decades, ticks at 1, 2, 5 × 10ⁿ in plain numbers."""
-    values = values.drop_nulls()
-    if not len(values) or (values <= 0).any():
-        return
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    if values.max() / values.min() < 100:
-        scale = ax.yaxis if axis == "y" else ax.xaxis
-        scale.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        scale.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        scale.set_minor_formatter(NullFormatter())
-
-
-def _err(df: pl.DataFrame, col: str) -> np.ndarray:
-    """Error bars from col_lo/col_hi, for errorbar(); 0 where an SAE has no CI."""
-    x = df[col].to_numpy()
-    lo, hi = df[f"{col}_lo"].fill_null(df[col]).to_numpy(), df[f"{col}_hi"].fill_null(df[col]).to_numpy()
-    return np.vstack([x - lo, hi - x]).clip(0)
-
-
-def _floor(df: pl.DataFrame) -> float:
-    """Where never-fired latents are drawn on a log axis: half of one firing among the eval tokens."""
-    fired = df.filter(pl.col("fires") > 0)
-    return 0.5 / float((fired["fires"] / fired["firing_rate"]).max()) if len(fired) else 1e-9
-
 
 # ---- one function per figure: a named query's rows in, a Figure out ------------------------------------
 
@@ -134,10 +43,10 @@ CURVE_METRICS = [
 
 def plot_curves(df: pl.DataFrame) -> Figure:
     df = df.with_columns(hook=pl.col("hook").fill_null(pl.col("sae_id")))  # no saes row: one panel per SAE
-    df = df.sort([*_depth(df), "k", "sae_id"], nulls_last=True, maintain_order=True)
+    df = df.sort([*pt.depth(df), "k", "sae_id"], nulls_last=True, maintain_order=True)
     metrics = [m for m in CURVE_METRICS if m.column in df.columns]
-    panels, colors = _by_panel(df), _k_colors(df["k"])
-    fig, axes = _grid(len(panels) * len(metrics), len(metrics), 3.1, 2.5)
+    panels, colors = pt.by_panel(df), pt.k_colors(df["k"])
+    fig, axes = pt.grid(len(panels) * len(metrics), len(metrics), 3.1, 2.5)
     for i, (title, part) in enumerate(panels):
         for ax, metric in zip(axes[i * len(metrics) :], metrics, strict=False):
             for (_, k), s in part.group_by(["sae_id", "k"], maintain_order=True):
@@ -147,20 +56,20 @@ def plot_curves(df: pl.DataFrame) -> Figure:
             ax.xaxis.set_major_formatter(EngFormatter())
             ax.tick_params(labelsize=7)
             if metric.log:
-                _log_if_positive(ax, part[metric.column])
-    handles = [Line2D([], [], color=c, label=_k(k)) for k, c in colors.items()]
+                pt.log_if_positive(ax, part[metric.column])
+    handles = [Line2D([], [], color=c, label=pt.k_label(k)) for k, c in colors.items()]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     return fig
 
 
 def plot_firing_rates(df: pl.DataFrame) -> Figure:
-    floor, colors, panels = _floor(df), _k_colors(df["k"]), _by_panel(df)
-    fig, axes = _grid(len(panels), 3)
+    floor, colors, panels = pt.floor(df), pt.k_colors(df["k"]), pt.by_panel(df)
+    fig, axes = pt.grid(len(panels), 3)
     for ax, (title, part) in zip(axes, panels, strict=True):
         for (_, k), s in part.group_by(["sae_id", "k"], maintain_order=True):
             dead = int((s["fires"] == 0).sum())
             rate = s["firing_rate"].to_numpy().clip(floor)
-            ax.step(s["rank"], rate, where="post", color=colors[k], label=f"{_k(k)} ({dead} never fired)")
+            ax.step(s["rank"], rate, where="post", color=colors[k], label=f"{pt.k_label(k)} ({dead} never fired)")
         ax.axhline(floor, color="grey", ls=":", lw=1)
         ax.annotate(
             "never fired", (0.98, floor), xycoords=("axes fraction", "data"), ha="right", va="bottom", fontsize=7
@@ -171,12 +80,12 @@ def plot_firing_rates(df: pl.DataFrame) -> Figure:
 
 
 def plot_decoder_norms(df: pl.DataFrame) -> Figure:
-    floor, colors, panels = _floor(df), _k_colors(df["k"]), _by_panel(df.filter(pl.col("dec_norm").is_not_null()))
-    fig, axes = _grid(len(panels), 3)
+    floor, colors, panels = pt.floor(df), pt.k_colors(df["k"]), pt.by_panel(df.filter(pl.col("dec_norm").is_not_null()))
+    fig, axes = pt.grid(len(panels), 3)
     for ax, (title, part) in zip(axes, panels, strict=True):
         for (k,), s in part.group_by(["k"], maintain_order=True):
             rate = s["firing_rate"].to_numpy().clip(floor)
-            ax.scatter(rate, s["dec_norm"], s=5, alpha=0.6, color=colors[k], label=_k(k))
+            ax.scatter(rate, s["dec_norm"], s=5, alpha=0.6, color=colors[k], label=pt.k_label(k))
         ax.axvline(floor, color="grey", ls=":", lw=1)
         ax.set_ylim(0, 1.1 * float(part["dec_norm"].max()))  # from 0: float noise around 1 is not a finding
         ax.set(xscale="log", title=title, xlabel="firing rate (never fired: dotted floor)", ylabel="decoder row norm")
@@ -185,11 +94,11 @@ def plot_decoder_norms(df: pl.DataFrame) -> Figure:
 
 
 def plot_k_sweep(df: pl.DataFrame) -> Figure:
-    fig, axes = _grid(2, 2, 5.0, 3.6)
+    fig, axes = pt.grid(2, 2, 5.0, 3.6)
     ks = df["k"].drop_nulls().unique().sort().to_list()
     for ax, (col, label) in zip(axes, [("r2", "R²"), ("ce_rec", "CE_rec")], strict=True):
-        for name, s in _series(df):
-            ax.errorbar(s["k"], s[col], yerr=_err(s, col), marker="o", ms=4, capsize=3, label=name)
+        for name, s in pt.series(df):
+            ax.errorbar(s["k"], s[col], yerr=pt.err(s, col), marker="o", ms=4, capsize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
@@ -199,25 +108,25 @@ def plot_k_sweep(df: pl.DataFrame) -> Figure:
 
 
 def plot_r2_vs_ce(df: pl.DataFrame) -> Figure:
-    fig, (ax,) = _grid(1, 1, 6.5, 4.8)
-    colors, markers = _hook_k_styles(fig, df)
+    fig, (ax,) = pt.grid(1, 1, 6.5, 4.8)
+    colors, markers = pt.hook_k_styles(fig, df)
     for (hook, k), s in df.group_by(["hook", "k"], maintain_order=True):
-        xerr, yerr = _err(s, "r2"), _err(s, "ce_rec")
+        xerr, yerr = pt.err(s, "r2"), pt.err(s, "ce_rec")
         ax.errorbar(s["r2"], s["ce_rec"], yerr, xerr, fmt=markers[hook], color=colors[k], ms=6, capsize=2)
     ax.set(title="R² against CE_rec, per SAE (95% CIs)", xlabel="R² (1 − FVU)", ylabel="CE_rec (2 − L_sae / L_orig)")
     return fig
 
 
 def plot_rate_distortion(df: pl.DataFrame) -> Figure:
-    fig, axes = _grid(2, 2, 5.0, 3.6)
+    fig, axes = pt.grid(2, 2, 5.0, 3.6)
     for ax, (col, label) in zip(axes, [("fvu", "1 − R² (FVU)"), ("ce_gap", "1 − CE_rec")], strict=True):
-        for name, s in _series(df):
+        for name, s in pt.series(df):
             ax.plot(s["rate_bits"], s[col], marker="o", ms=4, label=name)
             for x, y, k in s.select("rate_bits", col, "k").iter_rows():
-                ax.annotate(_k(k), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+                ax.annotate(pt.k_label(k), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
         ax.set(title=f"rate against {label}", xlabel="rate proxy (bits per token)", ylabel=label)
-        _log_if_positive(ax, df["rate_bits"], "x")
-        _log_if_positive(ax, df[col])
+        pt.log_if_positive(ax, df["rate_bits"], "x")
+        pt.log_if_positive(ax, df[col])
         ax.legend(fontsize=7)
     return fig
 
@@ -225,24 +134,24 @@ def plot_rate_distortion(df: pl.DataFrame) -> Figure:
 def plot_kl_baselines(df: pl.DataFrame) -> Figure:
     present = set(df["baseline"])
     order = [b for b in BASELINES if b in present] + sorted(present - set(BASELINES))
-    fig, axes = _grid(len(order), 3, 4.3, 3.9)
-    colors, markers = _hook_k_styles(fig, df)
+    fig, axes = pt.grid(len(order), 3, 4.3, 3.9)
+    colors, markers = pt.hook_k_styles(fig, df)
     for ax, baseline in zip(axes, order, strict=True):
         part = df.filter(pl.col("baseline") == baseline)
         for (hook, k), s in part.group_by(["hook", "k"], maintain_order=True):
             ax.scatter(s["kl_baseline"], s["kl_sae"], marker=markers[hook], color=colors[k], s=30)
         both = pl.concat([part["kl_baseline"], part["kl_sae"]]).drop_nulls()
         ax.plot([both.min(), both.max()], [both.min(), both.max()], color="grey", ls="--", lw=1)
-        _log_if_positive(ax, both, "x")
-        _log_if_positive(ax, both, "y")
+        pt.log_if_positive(ax, both, "x")
+        pt.log_if_positive(ax, both, "y")
         ax.set(title=f"{baseline}: {BASELINES.get(baseline, baseline)}", xlabel="mean KL, baseline error patched")
         ax.set_ylabel("mean KL, SAE reconstruction patched")
     return fig
 
 
 def plot_kl_gap_by_pos(df: pl.DataFrame) -> Figure:
-    panels = _by_panel(df)
-    fig, axes = _grid(len(panels), 3)
+    panels = pt.by_panel(df)
+    fig, axes = pt.grid(len(panels), 3)
     for ax, (title, part) in zip(axes, panels, strict=True):
         for (baseline,), s in part.group_by(["baseline"], maintain_order=True):
             ax.plot((s["pos_from"] + s["pos_to"]) / 2, s["gap"], marker="o", ms=3, label=baseline)
@@ -257,7 +166,7 @@ def plot_layers(df: pl.DataFrame) -> Figure:
     kind = pl.col("hook").str.split(pl.format(".{}.", "layer")).list.join(".{L}.").fill_null(pl.col("hook"))
     df = df.with_columns(kind=kind)
     keys = ["model", "kind", *(["store"] if df["store"].n_unique() > df["model"].n_unique() else [])]
-    fig, axes = _grid(2, 2, 5.0, 3.6)
+    fig, axes = pt.grid(2, 2, 5.0, 3.6)
     panels = [("pr", "participation ratio"), ("pr_deflated", "PR, top direction removed")]
     for ax, (col, label) in zip(axes, panels, strict=True):
         for key, s in df.sort("layer").group_by(keys, maintain_order=True):
@@ -273,7 +182,7 @@ def plot_error_predictability(df: pl.DataFrame) -> Figure:
     wide = df.pivot(on="sae_j", index="sae_i", values="heldout_r2")
     matrix = wide.join(pl.DataFrame({"sae_i": ids}), on="sae_i", how="right").select([*ids]).to_numpy()
     side = min(14.0, 3.0 + 0.4 * len(ids))
-    fig, (ax,) = _grid(1, 1, side + 1.5, side)
+    fig, (ax,) = pt.grid(1, 1, side + 1.5, side)
     image = ax.imshow(matrix.astype(float), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(ids)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(ids)), names, fontsize=7)

@@ -60,6 +60,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_runtime(device: str, compute_dtype: str) -> None:
+    """The options every step that runs the model shares: a device torch has and a known compute dtype."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown --compute-dtype {compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+    resolve_device(device)
+
+
 def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -> LoadedModel:
     """Boot `tiny`, a local HF directory or a hub name through TransformerBridge, in eval mode."""
     import transformers

@@ -27,7 +27,7 @@ from actstore import atomic
 from actstore.tables import SCHEMA_VERSION, TABLES, polars_schema
 from actstore.units import format_count, parse_count
 
-_SAE_ID = re.compile(r"^(?P<hook>.+)__k(?P<k>\d+)_x(?P<expansion>\d+)_(?P<tokens>[\d.]+[kMB]?)_s(?P<seed>\d+)$")
+_SAE_ID = re.compile(r"^(?P<hook>.+)__k(?P<k>\d+)_x(?P<expansion>\d+)_(?P<tokens>\d+(\.\d)?[kMB]?)_s(?P<seed>\d+)$")
 
 
 @dataclass(frozen=True)

@@ -139,21 +139,11 @@ def create_store(
         fill_value=0,
     )
     acts = group.create_group("acts")
-    np_dtype = numpy_dtype(dtype)
     for hook, d in hook_dims.items():
-        filters, compressors = codec_chain(codec, dtype, np_dtype.itemsize)
-        arr = acts.create_array(
-            hook,
-            shape=(n_seq, seq_len, d),
-            chunks=(chunk_seqs, seq_len, d),
-            shards=None if shard_seqs is None else (shard_seqs, seq_len, d),
-            dtype=np_dtype,
-            filters=filters,
-            compressors=compressors,
-            dimension_names=DIMS,
-            fill_value=0,
+        shards = None if shard_seqs is None else (shard_seqs, seq_len, d)
+        _activation_array(
+            acts, hook, (n_seq, seq_len, d), (chunk_seqs, seq_len, d), shards, dtype, codec, {"hook": hook}
         )
-        arr.attrs.update({"actstore_dtype": dtype, "hook": hook})
     return group
 
 
@@ -162,30 +152,43 @@ def stored_dtype(arr: zarr.Array) -> str:
     return str(arr.attrs.get("actstore_dtype", arr.dtype))
 
 
-def recon_array(group: zarr.Group, hook: str, sae_id: str) -> zarr.Array:
-    """A fresh `recon/<sae_id>/<hook>` with the activations' shape, chunks, dtype and codecs."""
-    acts = group["acts"][hook]
-    dtype = stored_dtype(acts)
-    filters, compressors = codec_chain(
-        group.attrs.get("codec", {}).get("name", DEFAULT_CODEC), dtype, acts.dtype.itemsize
+def _activation_array(
+    parent: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    shards: tuple[int, ...] | None,
+    dtype: str,
+    codec: str,
+    attrs: dict[str, Any],
+) -> zarr.Array:
+    """An (n_seq, seq_len, d) array of activations of `dtype` under `codec`, replacing any at `name`."""
+    np_dtype = numpy_dtype(dtype)
+    filters, compressors = codec_chain(codec, dtype, np_dtype.itemsize)
+    arr = parent.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        shards=shards,
+        dtype=np_dtype,
+        filters=filters,
+        compressors=compressors,
+        dimension_names=DIMS,
+        fill_value=0,
+        overwrite=True,
     )
-    arr = (
-        group.require_group("recon")
-        .require_group(sae_id)
-        .create_array(
-            hook,
-            shape=acts.shape,
-            chunks=acts.chunks,
-            dtype=acts.dtype,
-            filters=filters,
-            compressors=compressors,
-            dimension_names=DIMS,
-            fill_value=0,
-            overwrite=True,
-        )
-    )
-    arr.attrs.update({"actstore_dtype": dtype, "hook": hook, "sae_id": sae_id})
+    arr.attrs.update({"actstore_dtype": dtype, **attrs})
     return arr
+
+
+def recon_array(group: zarr.Group, hook: str, sae_id: str) -> zarr.Array:
+    """A fresh `recon/<sae_id>/<hook>` with the activations' shape, chunks, dtype and codec."""
+    acts = group["acts"][hook]
+    codec = group.attrs.get("codec", {}).get("name", DEFAULT_CODEC)
+    parent = group.require_group("recon").require_group(sae_id)
+    return _activation_array(
+        parent, hook, acts.shape, acts.chunks, acts.shards, stored_dtype(acts), codec, {"hook": hook, "sae_id": sae_id}
+    )
 
 
 def read_recon(group: zarr.Group, hook: str, sae_id: str, seqs: slice = slice(None)) -> np.ndarray:

@@ -80,7 +80,7 @@ TABLES: dict[str, Table] = {
             _cols("""
             model VARCHAR model the SAE's activations come from
             hook VARCHAR TransformerLens hook name
-            layer INTEGER block of the hook (-1 before the first block)
+            layer INTEGER block of the hook (-1 before the first block, NULL after the last)
             n_layers INTEGER blocks of the model
             d_model INTEGER width of the hook's activations (the SAE's d_in)
             d_sae INTEGER latents

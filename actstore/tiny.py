@@ -65,3 +65,25 @@ def byte_tokenizer():
         model_max_length=TINY_CONFIG["max_position_embeddings"],
         clean_up_tokenization_spaces=False,
     )
+
+
+# Pythia's published shapes, for benchmarks of realistic cost with random weights (no download needed).
+PYTHIA_SHAPES = {
+    "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def random_pythia(root: Path, shape: str = "pythia-70m", seed: int = 0) -> str:
+    """A GPT-NeoX of a Pythia shape with random weights and the byte tokenizer, saved as an HF directory.
+
+    Byte ids are valid ids of Pythia's 50,304-token vocabulary, so the builtin corpus runs through it.
+    """
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(**{**TINY_CONFIG, "vocab_size": 50304, "max_position_embeddings": 2048, **PYTHIA_SHAPES[shape]})
+    torch.manual_seed(seed)
+    GPTNeoXForCausalLM(cfg).save_pretrained(root)
+    byte_tokenizer().save_pretrained(root)
+    return str(root)

@@ -18,6 +18,8 @@ def parse_count(text: str | int) -> int:
             s = s[:-1]
         try:
             value = float(s) * scale
+            if scale != 1 and abs(value - round(value)) <= 1e-9 * abs(value):  # "16.1k" is 16100.000000000002
+                value = float(round(value))
         except ValueError:
             raise UsageError(f"cannot read token count {text!r}; write it like 2M, 500k, 1e6 or 128000") from None
     if value != value or value in (float("inf"), float("-inf")) or value != int(value) or value < 0:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from actstore.model import capture, load_model
 from actstore.sae import TopKSAE
 from actstore.steps.evaluate import EvalOptions, Patcher, evaluate
 from actstore.steps.harvest import HarvestOptions, harvest
+from actstore.tiny import random_pythia
 
 N_PATCHES = 5  # x̂, zero, ε-random, same-cosine, activation-difference
 
@@ -42,12 +42,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--hook", default="blocks.3.hook_resid_post")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from harvest import pythia_shaped_model
 
     tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-eval-"))
     try:
-        name = pythia_shaped_model(tmp / "model") if args.model == "pythia-70m-shape" else args.model
+        name = random_pythia(tmp / "model") if args.model == "pythia-70m-shape" else args.model
         store = str(tmp / "eval.zarr")
         harvest(
             store,

@@ -30,32 +30,9 @@ from actstore import store as st
 from actstore.corpus import CorpusOptions, token_sequences
 from actstore.model import capture, load_model, stop_layer
 from actstore.steps.harvest import HarvestOptions, harvest
+from actstore.tiny import random_pythia
 
-CODECS = ("none", "lz4", "zstd", "bitround-7", "bitround-5", "bitround-3")  # zstd is the default
-
-
-def pythia_shaped_model(root: Path) -> str:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    from actstore.tiny import byte_tokenizer
-
-    cfg = GPTNeoXConfig(
-        vocab_size=50304,
-        hidden_size=512,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        intermediate_size=2048,
-        max_position_embeddings=2048,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=256,
-    )
-    torch.manual_seed(0)
-    GPTNeoXForCausalLM(cfg).save_pretrained(root)
-    byte_tokenizer().save_pretrained(root)  # byte ids are valid ids of the larger vocabulary
-    return str(root)
+CODECS = ("none", "lz4", "zstd", "bitround-7", "bitround-5", "bitround-3")  # lz4 is the default (store.DEFAULT_CODEC)
 
 
 def timed(fn) -> float:
@@ -78,7 +55,7 @@ def main() -> None:
     hooks = args.hooks.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-"))
     try:
-        model_name = pythia_shaped_model(tmp / "model") if args.model == "pythia-70m-shape" else args.model
+        model_name = random_pythia(tmp / "model") if args.model == "pythia-70m-shape" else args.model
         model = load_model(model_name, args.device, args.compute_dtype)
         opts = CorpusOptions(corpus="builtin", split="train", seq_len=args.seq_len)
         batches = []

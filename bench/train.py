@@ -31,7 +31,9 @@ from actstore.loader import ActivationLoader, LoaderOptions
 from actstore.run import SAESpec
 from actstore.sae import dense_decode
 from actstore.steps.harvest import HarvestOptions, harvest
-from actstore.steps.train import Trainee, TrainOptions, sweep, train
+from actstore.steps.train import TrainOptions, sweep, train
+from actstore.tiny import random_pythia
+from actstore.trainee import Trainee
 
 HOOK = "blocks.3.hook_resid_post"
 
@@ -82,15 +84,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--sparsify-python", default=None, help="python of a venv with eai-sparsify installed")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from harvest import pythia_shaped_model  # the bench/harvest.py helper
 
     tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-train-"))
     try:
         B, steps = args.batch_size, args.steps
         n_tokens = B * (steps + 2)
         store = str(tmp / "acts.zarr")
-        model_dir = pythia_shaped_model(tmp / "model")
+        model_dir = random_pythia(tmp / "model")
         print(f"harvesting {n_tokens:,} tokens of a Pythia-70M-shaped model ({HOOK}) …", file=sys.stderr)
         harvest(store, HarvestOptions(model=model_dir, hooks=(HOOK,), seq_len=128, tokens=n_tokens, batch_size=32))
         budget = B * steps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import polars as pl
 import pytest
@@ -75,7 +77,7 @@ def _saes_row(sae_id: str, hook: str, k: int, seed: int, model: str = "m", token
     )
 
 
-def _write_sae(run, sae_id, hook, k, seed, tokens_frame, model="m", tokens=1000, rng=None):
+def _write_sae(run, sae_id, hook, k, seed, tokens_frame, model="m", tokens=1000, rng=None, extras=False):
     codes = pl.DataFrame(
         {
             "seq": tokens_frame["seq"].to_numpy().repeat(2),
@@ -84,26 +86,130 @@ def _write_sae(run, sae_id, hook, k, seed, tokens_frame, model="m", tokens=1000,
             "value": np.ones(2 * len(tokens_frame), dtype=np.float32),
         }
     )
-    rec.write_tables(
-        run,
-        sae_id,
-        {"tokens": tokens_frame, "saes": _saes_row(sae_id, hook, k, seed, model, tokens), "codes": codes},
+    frames = {"tokens": tokens_frame, "saes": _saes_row(sae_id, hook, k, seed, model, tokens), "codes": codes}
+    if extras:
+        frames |= _extras(sae_id, tokens_frame, codes)
+    rec.write_tables(run, sae_id, frames)
+
+
+D_SAE = 64
+
+
+def _extras(sae_id: str, t: pl.DataFrame, codes: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """The curves, latents and dark-matter records of one SAE, drawn from a generator of its own (so every
+    SAE's tokens are the same as without them)."""
+    rng = np.random.default_rng(zlib.crc32(sae_id.encode()))
+    steps = np.arange(1, 8)
+    fvu = np.sort(rng.uniform(0.05, 1.0, len(steps)))[::-1]
+    curves = pl.DataFrame(
+        {
+            "step": steps.astype(np.int32),
+            "tokens": (steps * 256).astype(np.int64),
+            "mse": fvu / 16,
+            "nmse": fvu * 0.9,
+            "explained_variance": 1 - fvu,
+            "fvu": fvu,
+            "l0": rng.uniform(4, 40, len(steps)),
+            "dead_frac": rng.uniform(0, 0.5, len(steps)),
+            "batch_usage": rng.uniform(0.5, 1, len(steps)),
+            "lr": np.full(len(steps), 1e-3),
+            "aux_loss": rng.uniform(0, 0.1, len(steps)),
+        }
     )
+    # latents consistent with the codes: fires = tokens on which the latent was active (latents ≥ 40 never)
+    active = codes.unique(["seq", "pos", "latent"]).group_by("latent").len()
+    fires = np.zeros(D_SAE, dtype=np.int64)
+    fires[active["latent"].to_numpy()] = active["len"].to_numpy()
+    latents = pl.DataFrame(
+        {
+            "latent": np.arange(D_SAE, dtype=np.int32),
+            "fires": fires,
+            "firing_rate": fires / t.height,
+            "dec_norm": rng.uniform(0.9, 1.1, D_SAE),
+        }
+    )
+    scores = ("vector_r2", "fvu", "fvu_linear", "fvu_nonlinear", "norm_r2_err", "norm_r2_x", "norm_r2_recon")
+    darkmatter = pl.DataFrame(
+        {
+            "hook": [sae_id.split("__")[0].removeprefix("n_")],
+            "store": ["s.zarr"],
+            "n_fit": [t.height // 2],
+            "n_test": [t.height // 2],
+            **{c: rng.uniform(0, 1, 1) for c in (*scores, "norm_r2_nonlinear")},
+            "probe": [f"darkmatter/{sae_id}/probe.safetensors"],
+        }
+    )
+    odd = t.filter(pl.col("seq") % 2 == 1)
+    u = rng.uniform(0, 1, (2, odd.height))
+    gap = pl.col("ce_patched") - pl.col("ce_orig")
+    between = odd.select(  # x̂ + a part of the error: a CE between the SAE's and the clean model's
+        "store",
+        "seq",
+        "pos",
+        (pl.col("ce_orig") + pl.Series(u[0]) * gap).alias("ce_linear"),
+        (pl.col("ce_orig") + pl.Series(u[1]) * gap).alias("ce_nonlinear"),
+        (pl.col("kl_patched") * pl.Series(u[0])).alias("kl_linear"),
+        (pl.col("kl_patched") * pl.Series(u[1])).alias("kl_nonlinear"),
+    )
+    return {"curves": curves, "latents": latents, "darkmatter": darkmatter, "darkmatter_tokens": between}
+
+
+def _layer_rows(model: str, store: str, hooks: tuple[str, ...], rng) -> pl.DataFrame:
+    """`layers` rows of eigenvalue spectra drawn here, with the spectra (column `lam`, not written)."""
+    rows = []
+    for hook in hooks:
+        lam = np.sort(rng.gamma(1.0, 1.0, 16))[::-1] * np.r_[20.0, np.ones(15)]
+        rows.append(
+            {
+                "store": store,
+                "model": model,
+                "hook": hook,
+                "layer": int(hook.split(".")[1]),
+                "d_model": 16,
+                "n_tokens": 192,
+                "pr": lam.sum() ** 2 / (lam**2).sum(),
+                "pr_deflated": lam[1:].sum() ** 2 / (lam[1:] ** 2).sum(),
+                "variance": lam.sum(),
+                "top_share": lam[0] / lam.sum(),
+                "lam": lam.tolist(),
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+BUDGET_HOOK = "blocks.2.hook_resid_post"  # model m only, at two token budgets (for budget_sweep)
+VOCAB = {"m": ["the", " cat", " sat", ".", "\n"], "n": ["A", "B", "C", "D", "E"]}
+LAYER_STORES = {"m": ("s.zarr", (*HOOKS, BUDGET_HOOK)), "n": ("n.zarr", HOOKS)}
 
 
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
-    """2 hooks × k ∈ {8, 16, 32} × seeds {0, 1} of model m, and a model n at hook 1 for deltas."""
-    run = str(tmp_path_factory.mktemp("analytics") / "run")
+    """2 hooks × k ∈ {8, 16, 32} × seeds {0, 1} of model m, a model n at hook 1 for deltas, model m at a
+    third hook with budgets 1000 and 4000 (budget_sweep); every records table: each SAE's curves,
+    latents and dark matter, the layers of a store per model, and both models' vocab."""
+    root = tmp_path_factory.mktemp("analytics")
+    run = str(root / "run")
     rng = np.random.default_rng(0)
     for hook in HOOKS:
         for k, quality in ((8, 0.80), (16, 0.90), (32, 0.95)):
             for seed in (0, 1):
                 q = quality + 0.01 * seed
-                _write_sae(run, f"{hook}__k{k}_s{seed}", hook, k, seed, _tokens(rng, q), rng=rng)
+                _write_sae(run, f"{hook}__k{k}_s{seed}", hook, k, seed, _tokens(rng, q), rng=rng, extras=True)
     for k, quality in ((8, 0.85), (16, 0.88)):
         for seed in (0, 1):
-            _write_sae(run, f"n_{HOOKS[0]}__k{k}_s{seed}", HOOKS[0], k, seed, _tokens(rng, quality), model="n", rng=rng)
+            sae, frame = f"n_{HOOKS[0]}__k{k}_s{seed}", _tokens(rng, quality)
+            _write_sae(run, sae, HOOKS[0], k, seed, frame, model="n", rng=rng, extras=True)
+    for tokens, quality in ((1000, 0.8), (4000, 0.9)):
+        for seed in (0, 1):
+            sae, frame = f"{BUDGET_HOOK}__k8_t{tokens}_s{seed}", _tokens(rng, quality)
+            _write_sae(run, sae, BUDGET_HOOK, 8, seed, frame, tokens=tokens, rng=rng, extras=True)
+    layer_rng = np.random.default_rng(11)
+    for model, (store, hooks) in LAYER_STORES.items():
+        rows = _layer_rows(model, store, hooks, layer_rng)
+        rec.write_tables(run, rec.hash_key(store), {"layers": rows.drop("lam")})
+        rows.write_parquet(root / f"spectra_{model}.parquet")  # beside the run, not in its records
+        vocab = pl.DataFrame({"model": model, "token": np.arange(5, dtype=np.int32), "text": VOCAB[model]})
+        rec.write_tables(run, rec.hash_key(model), {"vocab": vocab})
     return run
 
 
@@ -283,11 +389,193 @@ def test_every_named_query_documents_itself_and_runs(sweep_run):
     assert {"summary", "delta", "corr_r2_ce", "kstar", "rate_distortion", "kl_gap", "cross_sae_predictability"} <= set(
         queries
     )
-    assert {"budget_sweep", "kl_gap_by_pos", "kl_gap_tokens"} <= set(queries)
-    for q in queries.values():
+    assert {"budget_sweep", "kl_gap_by_pos", "kl_gap_tokens", "curves", "latents", "layers"} <= set(queries)
+    assert {"darkmatter", "darkmatter_patch"} <= set(queries)
+    for q in queries.values():  # the fixture has every table: no query is skipped, none comes back empty
         assert q.purpose and q.reads, q.name
-        if q.name not in ("curves", "latents", "layers", "darkmatter", "darkmatter_patch", "budget_sweep"):
-            assert query(sweep_run, q.name, **({"n_boot": 20} if "n_boot" in q.params else {})).height > 0, q.name
+        out = query(sweep_run, q.name, **({"n_boot": 20} if "n_boot" in q.params else {}))
+        assert out.height > 0, q.name
+        # a column that is NULL on every row is a join or a view that matched nothing
+        always_null = [c for c in out.columns if out[c].null_count() == out.height]
+        assert not always_null, (q.name, always_null)
+
+
+def _joined(run) -> pl.DataFrame:
+    """Every token record with its SAE's row, floats widened to float64 (the reference's precision)."""
+    t = rec.read_table(run, "tokens").join(rec.read_table(run, "saes"), on="sae_id")
+    return t.with_columns(pl.col(pl.Float32).cast(pl.Float64))
+
+
+def test_rate_distortion_matches_numpy_with_a_position_window(sweep_run):
+    out = query(sweep_run, "rate_distortion", min_pos=1, max_pos=5)
+    t = _joined(sweep_run).filter(pl.col("pos").is_between(1, 5))
+    assert out.height == rec.read_table(sweep_run, "saes").height
+    for row in out.iter_rows(named=True):
+        f = t.filter(pl.col("sae_id") == row["sae_id"])
+        sse, sst = f["sse"].to_numpy(), f["sst"].to_numpy()
+        ce = f.drop_nulls("ce_orig")
+        assert row["rate_bits"] == pytest.approx(f["rate_bits"].to_numpy().mean(), rel=1e-9)
+        assert row["l0"] == pytest.approx(f["l0"].to_numpy().mean(), rel=1e-9)
+        assert row["fvu"] == pytest.approx(sse.sum() / sst.sum(), rel=1e-9)
+        assert row["ce_gap"] == pytest.approx(ce["ce_patched"].sum() / ce["ce_orig"].sum() - 1, rel=1e-9)
+        assert (row["k"], row["d_sae"], row["train_tokens"]) == (f["k"][0], 64, f["train_tokens"][0])
+    # ordered by rate within each (model, layer, hook)
+    for _, g in out.group_by("model", "layer", "hook"):
+        assert g["rate_bits"].to_list() == sorted(g["rate_bits"].to_list())
+    keys = list(zip(out["model"], out["layer"], strict=True))
+    assert keys == sorted(keys)
+
+
+def test_latents_ranks_by_firing_rate_then_index(sweep_run):
+    out = query(sweep_run, "latents")
+    raw = rec.read_table(sweep_run, "latents")
+    saes = rec.read_table(sweep_run, "saes")
+    assert out.height == raw.height == D_SAE * saes.height
+    for sae in (f"{HOOKS[0]}__k8_s0", f"{HOOKS[1]}__k32_s1"):
+        r = raw.filter(pl.col("sae_id") == sae).sort("latent")
+        o = out.filter(pl.col("sae_id") == sae)
+        rate, latent = r["firing_rate"].to_numpy(), r["latent"].to_numpy()
+        order = np.lexsort((latent, -rate))  # most frequent first; ties by latent index
+        assert o["rank"].to_list() == list(range(1, D_SAE + 1))
+        assert o["latent"].to_list() == latent[order].tolist()
+        assert np.allclose(o["firing_rate"].to_numpy(), r["fires"].to_numpy()[order] / (N_SEQ * SEQ_LEN))
+        assert (o["firing_rate"].to_numpy()[40:] == 0).all()  # latents ≥ 40 never fire: the floor
+        s = saes.filter(pl.col("sae_id") == sae).row(0, named=True)
+        assert set(zip(o["hook"], o["layer"], o["k"], strict=True)) == {(s["hook"], s["layer"], s["k"])}
+
+
+def test_alive_over_all_positions_reads_latents_and_agrees_with_the_codes(sweep_run):
+    every = query(sweep_run, "summary", n_boot=10)  # all positions: latents.fires > 0
+    window = query(sweep_run, "summary", n_boot=10, max_pos=SEQ_LEN)  # a window: distinct latents in codes
+    codes = rec.read_table(sweep_run, "codes").group_by("sae_id").agg(pl.col("latent").n_unique())
+    fires = rec.read_table(sweep_run, "latents").group_by("sae_id").agg((pl.col("fires") > 0).sum())
+    want = dict(codes.iter_rows())
+    assert dict(fires.iter_rows()) == want
+    for out in (every, window):
+        got = dict(out.select("sae_id", "alive").iter_rows())
+        assert got == pytest.approx({k: v / D_SAE for k, v in want.items()})
+
+
+def test_curves_thins_every_nth_step_and_joins_the_sae(sweep_run):
+    raw = rec.read_table(sweep_run, "curves")
+    assert query(sweep_run, "curves").height == raw.height
+    out = query(sweep_run, "curves", every=3)
+    saes = rec.read_table(sweep_run, "saes")
+    for sae in saes["sae_id"]:
+        r = raw.filter(pl.col("sae_id") == sae).sort("step")
+        o = out.filter(pl.col("sae_id") == sae)
+        assert o["step"].to_list() == r["step"].to_list()[::3] == [1, 4, 7]
+        assert o["fvu"].to_list() == r["fvu"].to_list()[::3]
+        assert np.allclose(o["explained_variance"].to_numpy(), 1 - o["fvu"].to_numpy())
+        s = saes.filter(pl.col("sae_id") == sae).row(0, named=True)
+        assert set(zip(o["layer"], o["hook"], o["k"], strict=True)) == {(s["layer"], s["hook"], s["k"])}
+    order = list(zip(out["layer"], out["hook"], out["k"], out["sae_id"], out["step"], strict=True))
+    assert order == sorted(order)
+
+
+def test_kl_gap_by_pos_pools_the_hooks_saes_per_bucket(sweep_run):
+    out = query(sweep_run, "kl_gap_by_pos", bucket=3, k=16)
+    t = _joined(sweep_run).filter((pl.col("k") == 16) & pl.col("kl_patched").is_not_null())
+    n_cells = 0
+    for (model, hook), g in t.group_by("model", "hook"):
+        bucket = g["pos"].to_numpy() // 3
+        for base in ("eps", "samecos", "actdiff"):
+            for b in np.unique(bucket):
+                sel = bucket == b
+                kl, kb = g["kl_patched"].to_numpy()[sel], g[f"kl_{base}"].to_numpy()[sel]
+                row = out.filter(
+                    (pl.col("model") == model)
+                    & (pl.col("hook") == hook)
+                    & (pl.col("baseline") == base)
+                    & (pl.col("pos_from") == 3 * b)
+                ).row(0, named=True)
+                assert (row["pos_to"], row["n_tokens"]) == (3 * b + 2, sel.sum())
+                assert row["gap"] == pytest.approx(kl.sum() / kb.sum(), rel=1e-6)
+                assert row["kl_sae"] == pytest.approx(kl.mean(), rel=1e-6)
+                n_cells += 1
+    assert out.height == n_cells == 3 * 3 * 3  # (m, hook 1), (m, hook 3), (n, hook 1) × baselines × buckets
+
+
+def test_kl_gap_tokens_ranks_tokens_by_gap_and_shows_their_text(sweep_run):
+    out = query(sweep_run, "kl_gap_tokens", baseline="samecos", min_count=30, top=3, min_pos=1)
+    t = _joined(sweep_run).filter((pl.col("pos") >= 1) & pl.col("kl_patched").is_not_null())
+    want = []
+    for (model, hook), g in t.group_by("model", "hook"):
+        rows = []
+        for token in np.unique(g["token"].to_numpy()):
+            sel = g["token"].to_numpy() == token
+            kl, kb = g["kl_patched"].to_numpy()[sel], g["kl_samecos"].to_numpy()[sel]
+            if sel.sum() >= 30:
+                rows.append((model, hook, int(token), VOCAB[model][token], int(sel.sum()), kl.mean() / kb.mean()))
+        want += sorted(rows, key=lambda r: -r[-1])[:3]
+    assert out.height == len(want) > 0 and set(out["baseline"]) == {"samecos"}
+    got = {(r["model"], r["hook"], r["token"]): r for r in out.iter_rows(named=True)}
+    for model, hook, token, text, n, gap in want:
+        row = got[(model, hook, token)]
+        assert (row["text"], row["n"]) == (text, n)
+        assert row["gap"] == pytest.approx(gap, rel=1e-6)
+    assert query(sweep_run, "kl_gap_tokens", min_count=10**6).is_empty()  # every token is too rare
+
+
+def test_layers_lists_every_hook_by_model_store_and_depth(sweep_run):
+    from pathlib import Path
+
+    out = query(sweep_run, "layers")
+    spectra = pl.concat([pl.read_parquet(Path(sweep_run).parent / f"spectra_{m}.parquet") for m in LAYER_STORES])
+    assert out.height == spectra.height == sum(len(h) for _, h in LAYER_STORES.values())
+    keys = list(zip(out["model"], out["store"], out["layer"], strict=True))
+    assert keys == sorted(keys)
+    for row in out.iter_rows(named=True):
+        lam = np.array(
+            spectra.filter((pl.col("store") == row["store"]) & (pl.col("hook") == row["hook"]))["lam"][0].to_list()
+        )
+        assert row["layer"] == int(row["hook"].split(".")[1])
+        assert row["pr"] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-12)
+        assert row["pr_deflated"] == pytest.approx(lam[1:].sum() ** 2 / (lam[1:] ** 2).sum(), rel=1e-12)
+        assert row["top_share"] == pytest.approx(lam.max() / lam.sum(), rel=1e-12)
+
+
+def test_darkmatter_tables_join_their_saes_and_the_patch_closes_the_hand_fraction(sweep_run):
+    dm = query(sweep_run, "darkmatter")
+    raw = rec.read_table(sweep_run, "darkmatter")
+    assert dm.height == raw.height == rec.read_table(sweep_run, "saes").height
+    assert dict(dm.select("sae_id", "vector_r2").iter_rows()) == dict(raw.select("sae_id", "vector_r2").iter_rows())
+    assert (dm["hook"] == dm["sae_id"].str.split("__").list.first().str.strip_prefix("n_")).all()
+
+    out = query(sweep_run, "darkmatter_patch", min_pos=2)
+    tokens = _joined(sweep_run)
+    parts = rec.read_table(sweep_run, "darkmatter_tokens").with_columns(pl.col(pl.Float32).cast(pl.Float64))
+    both = parts.join(tokens, on=["sae_id", "store", "seq", "pos"]).filter(
+        (pl.col("pos") >= 2) & pl.col("ce_orig").is_not_null()
+    )
+    assert out.height == rec.read_table(sweep_run, "saes").height
+    for row in out.iter_rows(named=True):
+        f = both.filter(pl.col("sae_id") == row["sae_id"])
+        assert (f["seq"] % 2 == 1).all()  # held-out sequences only
+        orig, sae = f["ce_orig"].to_numpy().mean(), f["ce_patched"].to_numpy().mean()
+        for part in ("linear", "nonlinear"):
+            ce = f[f"ce_{part}"].to_numpy().mean()
+            assert row[f"ce_{part}"] == pytest.approx(ce, rel=1e-6)
+            assert row[f"closed_{part}"] == pytest.approx((sae - ce) / (sae - orig), rel=1e-5)
+            assert 0 <= row[f"closed_{part}"] <= 1  # the fixture's parts lie between x̂ and x
+
+
+def test_budget_sweep_on_the_fixture_covers_only_the_hook_with_two_budgets(sweep_run):
+    out = query(sweep_run, "budget_sweep")
+    assert out["hook"].to_list() == [BUDGET_HOOK]
+    row = out.row(0, named=True)
+    assert (row["ref_tokens"], row["train_tokens"], row["n_seeds"], row["k"]) == (1000, 4000, 2, 8)
+    s = _sae_stats(sweep_run).join(rec.read_table(sweep_run, "saes").select("sae_id", "train_tokens"), on="sae_id")
+    s = s.filter(pl.col("hook") == BUDGET_HOOK)
+
+    def at(tokens, seed, col):
+        return s.filter((pl.col("train_tokens") == tokens) & (pl.col("seed") == seed))[col][0]
+
+    d_r2 = [at(4000, seed, "r2") - at(1000, seed, "r2") for seed in (0, 1)]
+    d_ce = [at(4000, seed, "ce_rec") - at(1000, seed, "ce_rec") for seed in (0, 1)]
+    assert row["d_r2"] == pytest.approx(np.mean(d_r2), rel=1e-6)
+    assert row["d_ce_rec"] == pytest.approx(np.mean(d_ce), rel=1e-6)
+    assert row["mismatch_rate"] == pytest.approx(np.mean([a > 0 and b < 0 for a, b in zip(d_r2, d_ce, strict=True)]))
 
 
 def test_unknown_query_parameter_and_bad_sql_are_one_line_usage_errors(sweep_run, tmp_path):

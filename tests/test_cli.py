@@ -24,11 +24,49 @@ def tree_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _help_entries(text: str) -> dict[str, str]:
+    """The `Commands:` section of a group's --help: name -> its description, wrapped lines joined."""
+    section = text.split("Commands:", 1)[1]
+    entries: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):  # the next section (none today)
+            break
+        indent = len(line) - len(line.lstrip())
+        if indent == 2:
+            name, _, rest = line.strip().partition(" ")
+            entries[name] = rest.strip()
+        elif name is not None:  # a wrapped description continues on a deeper-indented line
+            entries[name] += " " + line.strip()
+    return entries
+
+
 def test_help_lists_every_command_with_a_description():
+    from click.testing import CliRunner
+
+    from actstore.cli.main import main
+
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("harvest", "info", "train", "eval", "darkmatter", "layers", "sql", "report", "bundle", "demo"):
-        assert command in out.stdout
+    listed = _help_entries(out.stdout)
+    expected = ("harvest", "info", "train", "eval", "darkmatter", "layers", "sql", "report", "bundle", "demo")
+    assert set(expected) <= set(main.commands)
+    assert set(listed) == set(main.commands), listed  # every registered command, nothing else
+    for name, command in main.commands.items():
+        short = " ".join(command.get_short_help_str(limit=10_000).split())
+        assert len(short) > 10 and not short.endswith("..."), (name, short)  # a real sentence, not truncated
+        assert listed[name] == short, (name, listed[name], short)
+    # the bundle group's own --help lists its subcommands the same way
+    group = main.commands["bundle"]
+    sub = CliRunner().invoke(main, ["bundle", "--help"], terminal_width=300)
+    assert sub.exit_code == 0, sub.output
+    entries = _help_entries(sub.output)
+    assert set(entries) == set(group.commands) == {"create", "verify"}
+    for name, command in group.commands.items():
+        short = " ".join(command.get_short_help_str(limit=10_000).split())
+        assert short and entries[name] == short, (name, entries[name])
     assert "--corpus" in run_cli("harvest", "--help").stdout
 
 
@@ -169,14 +207,46 @@ def test_a_store_killed_while_being_created_is_resumed_not_bricked(tmp_path):
     assert zarr.open_group(out, mode="r").attrs["commit"]["n_seq"] == 8
 
 
-def test_every_step_is_also_a_python_function_of_the_package():
-    import actstore
+STEPS = {  # actstore.<name> is this function of this module (defined there, not re-exported from elsewhere)
+    "harvest": ("actstore.steps.harvest", "harvest"),
+    "train": ("actstore.steps.train", "train"),
+    "sweep": ("actstore.steps.train", "sweep"),
+    "evaluate": ("actstore.steps.evaluate", "evaluate"),
+    "darkmatter": ("actstore.steps.darkmatter", "darkmatter"),
+    "layers": ("actstore.steps.layers", "write_layers"),
+    "report": ("actstore.steps.report", "report"),
+    "demo": ("actstore.steps.demo", "demo"),
+    "bundle_create": ("actstore.steps.bundle", "create"),
+    "bundle_verify": ("actstore.steps.bundle", "verify"),
+    "query": ("actstore.analytics", "query"),
+    "store_info": ("actstore.info", "store_info"),
+}
 
-    for name in ("harvest", "store_info", "train", "sweep", "evaluate", "darkmatter", "layers", "query"):
-        assert callable(getattr(actstore, name)), name
-    for name in ("report", "demo"):
-        assert callable(getattr(actstore, name)), name
-    assert callable(actstore.steps.bundle.create) and callable(actstore.steps.bundle.verify)
+
+def test_every_step_is_also_a_python_function_of_the_package():
+    import importlib
+    import inspect
+    import types
+
+    import actstore
+    import actstore.steps
+
+    assert set(STEPS) <= set(actstore.__all__)
+    for name, (module_name, attr) in STEPS.items():
+        module = importlib.import_module(module_name)
+        assert isinstance(module, types.ModuleType), module_name
+        fn = getattr(actstore, name)
+        assert inspect.isfunction(fn), name
+        assert fn is getattr(module, attr), f"actstore.{name} is not {module_name}.{attr}"
+        assert fn.__module__ == module_name, f"{module_name}.{attr} is defined in {fn.__module__}"
+    # No step function shadows its module: the package attribute and `import … as` both give the module.
+    for module_name in {m for m, _ in STEPS.values() if m.startswith("actstore.steps.")}:
+        leaf = module_name.rsplit(".", 1)[1]
+        assert isinstance(getattr(actstore.steps, leaf), types.ModuleType), module_name
+        assert sys.modules[module_name] is getattr(actstore.steps, leaf)
+    import actstore.steps.report as report_module
+
+    assert isinstance(report_module, types.ModuleType) and report_module.report is actstore.report
 
 
 def test_readme_cli_reference_names_every_command_and_option():
@@ -215,5 +285,6 @@ def test_layers_cli_writes_one_partition_per_store_and_checks_its_options(small_
         assert out.returncode == 0, out.stderr
     layers = read_table(run, "layers")
     assert sorted(layers["hook"]) == sorted(HOOKS) and layers["n_tokens"].to_list() == [4 * 64] * 2
-    missing = run_cli("darkmatter", run)
-    assert missing.returncode == 2 and "actstore eval" in missing.stderr
+    missing = run_cli("darkmatter", run)  # layers records, but no eval records: a usage error naming the fix
+    assert missing.returncode == 2
+    _assert_one_line_error(missing, "actstore eval")

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-from actstore import analytics, figures
+from actstore import analytics, figures, plotting
 from actstore.cli.report import report as command
 from actstore.errors import UsageError
 from actstore.run import SAESpec, write_tables
@@ -221,7 +221,7 @@ def test_darkmatter_tables_list_every_sae(written):
 
 def test_panels_follow_the_layer_column_and_curves_need_no_parsable_sae_id(run):
     by_pos = analytics.query(str(run), "kl_gap_by_pos")
-    assert [title for title, _ in figures._by_panel(by_pos)] == list(HOOKS)
+    assert [title for title, _ in plotting.by_panel(by_pos)] == list(HOOKS)
     curves = analytics.query(str(run), "curves").with_columns(sae_id=pl.format("external-{}-{}", "hook", "k"))
     fig = figures.plot_curves(curves)
     visible = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
@@ -238,7 +238,10 @@ def test_run_without_layers_or_darkmatter_notes_the_skipped_parts_and_cli_prints
     out = (tmp_path / "out").resolve()
     assert result.output.split() == [str(out / "report.md"), str(out / "report.html")]
     markdown = (out / "report.md").read_text()
-    assert "Skipped: this run has no `layers` table (`actstore eval` or `actstore layers STORE --run RUN` writes it)." in markdown
+    assert (
+        "Skipped: this run has no `layers` table (`actstore eval` or `actstore layers STORE --run RUN` writes it)."
+        in markdown
+    )
     assert "Skipped: this run has no `darkmatter` table (`actstore darkmatter RUN` writes it)." in markdown
     assert "Skipped: this run has no `darkmatter_tokens` table (`actstore darkmatter RUN` writes it)." in markdown
     assert markdown.count("Skipped:") == 3

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from actstore.errors import StoreError, UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
 from actstore.run import SAESpec
-from actstore.steps.train import Trainee, TrainOptions, sweep, train
+from actstore.steps.train import TrainOptions, sweep, train
+from actstore.trainee import Trainee
 
 from .synthetic import sparse_dictionary_data, write_store
 
@@ -83,6 +84,30 @@ def test_incomplete_store_is_refused(tmp_path):
 def _max_cos(learned: np.ndarray, true: np.ndarray) -> float:
     learned = learned / np.linalg.norm(learned, axis=1, keepdims=True)
     return float((true @ learned.T).max(axis=1).mean())
+
+
+def _weights(sae_dir: str) -> dict[str, np.ndarray]:
+    return {k: v.double().numpy() for k, v in load_file(f"{sae_dir}/sae_weights.safetensors").items()}
+
+
+def _np_recon(w: dict[str, np.ndarray], x: np.ndarray, k: int) -> np.ndarray:
+    """x̂ of a TopK SAE in plain numpy: the k largest pre-activations, ReLU'd, decoded (docs/METHODS.md)."""
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    idx = np.argpartition(-pre, k - 1, axis=1)[:, :k]
+    vals = np.maximum(np.take_along_axis(pre, idx, axis=1), 0)
+    return np.einsum("nk,nkd->nd", vals, w["W_dec"][idx]) + w["b_dec"]
+
+
+def _np_fvu(w: dict[str, np.ndarray], x: np.ndarray, k: int) -> float:
+    """Σ‖x − x̂‖² / Σ‖x − mean(x)‖²: 1.0 is the mean predictor."""
+    return float(((x - _np_recon(w, x, k)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def _store_rows(path: str) -> np.ndarray:
+    import zarr
+
+    acts = zarr.open_group(path, mode="r")[f"acts/{HOOK}"][:]
+    return acts.reshape(-1, acts.shape[-1]).astype(np.float64)
 
 
 def test_sae_recovers_a_known_dictionary(dict_store, tmp_path):
@@ -156,8 +181,19 @@ def test_outputs_config_curves_and_fire_counts(dict_store, tmp_path):
     ):
         assert col in curves.columns
     assert curves["tokens"].max() == 8_000 and (curves["l0"] <= 4).all()
+    assert sorted(curves["step"].to_list()) == [2, 4, 6, 8]  # every log_every steps, and the last
     fires = load_file(str(Path(out) / "fire_counts.safetensors"))
     assert int(fires["fire_counts"].sum()) <= 4 * 8_000 and int(fires["tokens"]) == 8_000
+    # The logged FVU is the real one: well below the mean predictor's 1.0, and what numpy gets from the saved
+    # weights, on the last batch (its weights moved by one more step since) and on the whole store.
+    last = curves.sort("step").row(-1, named=True)
+    w = _weights(out)
+    batches = list(ActivationLoader(path, HOOK, 8_000, TrainOptions(batch_size=1000).loader()))
+    assert last["fvu"] < 0.8, last
+    assert last["fvu"] == pytest.approx(_np_fvu(w, batches[-1].double().numpy(), 4), rel=0.02)
+    assert last["fvu"] == pytest.approx(_np_fvu(w, _store_rows(path), 4), abs=0.05)
+    assert last["explained_variance"] == pytest.approx(1 - last["fvu"], abs=1e-6)
+    assert curves.sort("step")["fvu"][0] > last["fvu"]  # it learned
 
 
 def _train_cmd(store: str, run: str) -> list[str]:
@@ -245,9 +281,49 @@ def test_a_one_row_tail_does_not_blow_up_the_fvu(dict_store, tmp_path):
 
     path, _ = dict_store
     run = str(tmp_path / "run")
-    train(path, run, [SAESpec(HOOK, 4, 2, 20_001, 0)], TrainOptions(batch_size=1000, log_every=1))
+    (out,) = train(path, run, [SAESpec(HOOK, 4, 2, 20_001, 0)], TrainOptions(batch_size=1000, log_every=1))
     (row,) = summary(run)
-    assert row["tokens"] == 20_001 and 0 < row["fvu"] < 2
+    assert row["tokens"] == 20_001
+    # The last step saw one row: its FVU is that row's error over the previous batch's variance per token,
+    # not over the one row's own (zero) spread. Its learning rate was ~0 (the budget's last token), so the
+    # saved weights are the ones it used.
+    batches = [b.double().numpy() for b in ActivationLoader(path, HOOK, 20_001, TrainOptions(batch_size=1000).loader())]
+    assert [len(b) for b in batches[-2:]] == [1000, 1]
+    prev, tail = batches[-2], batches[-1]
+    w = _weights(out)
+    var_per_token = ((prev - prev.mean(0)) ** 2).sum() / len(prev)
+    want = float(((tail - _np_recon(w, tail, 4)) ** 2).sum() / var_per_token)
+    assert row["fvu"] == pytest.approx(want, rel=1e-3)
+    assert _np_fvu(w, _store_rows(path), 4) < 0.8  # and the SAE itself beats the mean predictor
+
+
+def test_the_saes_rows_describe_every_sae_of_a_sweep(small_store, tmp_path):
+    import zarr
+
+    from actstore.run import read_table
+
+    from .conftest import HOOKS
+
+    config = json.loads((Path(__file__).parents[1] / "actstore" / "models" / "tiny" / "config.json").read_text())
+    d_model = zarr.open_group(small_store, mode="r")[f"acts/{HOOKS[0]}"].shape[2]
+    assert d_model == config["hidden_size"]
+    run = tmp_path / "run"
+    specs = sweep(list(HOOKS), [4, 8], [2], [1000, 1500], [0])
+    dirs = train(small_store, str(run), specs, TrainOptions(batch_size=500))
+    saes = read_table(run, "saes")
+    assert sorted(saes["sae_id"]) == sorted(s.sae_id for s in specs) == sorted(Path(d).name for d in dirs)
+    assert len(specs) == 8 and "blocks.3.hook_resid_post__k8_x2_1.5k_s0" in set(saes["sae_id"])
+    curves = read_table(run, "curves")
+    for spec in specs:
+        row = saes.filter(pl.col("sae_id") == spec.sae_id).row(0, named=True)
+        assert row["model"] == "tiny" and row["architecture"] == "topk", row
+        assert row["hook"] == spec.hook and row["layer"] == int(spec.hook.split(".")[1]), row
+        assert row["n_layers"] == config["num_hidden_layers"], row
+        assert (row["k"], row["expansion"], row["seed"]) == (spec.k, spec.expansion, spec.seed), row
+        assert (row["d_model"], row["d_sae"]) == (d_model, spec.expansion * d_model), row
+        assert row["train_tokens"] == spec.tokens, row
+        assert Path(row["path"]) == run / "saes" / spec.sae_id and Path(row["path"], "cfg.json").is_file()
+        assert curves.filter(pl.col("sae_id") == spec.sae_id)["tokens"].max() == spec.tokens
 
 
 def test_resuming_a_run_on_another_models_store_is_refused(dict_store, tmp_path):

@@ -29,7 +29,7 @@ from actstore import atomic
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import UsageError
-from actstore.model import COMPUTE_DTYPES, LoadedModel, load_model, resolve_device
+from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
 from actstore.patching import Patcher, batches, place
 from actstore.progress import token_bar
@@ -101,9 +101,7 @@ class DarkmatterOptions:
     def __post_init__(self) -> None:
         positive("max_seqs", self.max_seqs, allow_none=True, minimum=2)
         positive("batch_size", self.batch_size)
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise UsageError(f"unknown --compute-dtype {self.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
-        resolve_device(self.device)
+        check_runtime(self.device, self.compute_dtype)
 
 
 def darkmatter(

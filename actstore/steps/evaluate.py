@@ -23,7 +23,7 @@ from actstore import store as st
 from actstore.errors import StoreError, UsageError
 from actstore.geometry import moments
 from actstore.metrics import activation_metrics, baselines, rate_and_latents
-from actstore.model import COMPUTE_DTYPES, LoadedModel, load_model, resolve_device
+from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
 from actstore.patching import Batch, Patcher, batches, place
 from actstore.progress import plural_saes, token_bar
@@ -46,9 +46,7 @@ class EvalOptions:
         positive("batch_size", self.batch_size)
         positive("max_seqs", self.max_seqs, allow_none=True)
         positive("patch_pos", self.patch_pos, allow_none=True, minimum=0)
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise UsageError(f"unknown --compute-dtype {self.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
-        resolve_device(self.device)
+        check_runtime(self.device, self.compute_dtype)
 
 
 def evaluate(

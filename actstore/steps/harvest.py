@@ -10,9 +10,7 @@ committed and finishes bit-identical to an uninterrupted run.
 from __future__ import annotations
 
 import os
-import queue
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,10 @@ from actstore import __version__, atomic
 from actstore import store as st
 from actstore.corpus import SPLITS, CorpusOptions, token_sequences
 from actstore.errors import StoreError, UsageError
-from actstore.model import COMPUTE_DTYPES, LoadedModel, capture, check_hooks, load_model, resolve_device, stop_layer
+from actstore.model import COMPUTE_DTYPES, LoadedModel, capture, check_hooks, check_runtime, load_model, stop_layer
 from actstore.options import build, csv, option, positive
 from actstore.progress import token_bar
+from actstore.store_writer import StoreWriter
 from actstore.units import parse_count
 
 
@@ -67,8 +66,6 @@ class HarvestOptions:
     def __post_init__(self) -> None:
         if self.dtype not in st.STORE_DTYPES:
             raise UsageError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(st.STORE_DTYPES)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise UsageError(f"unknown --compute-dtype {self.compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
         if self.split not in SPLITS:
             raise UsageError(f"unknown --split {self.split!r}; use one of {', '.join(SPLITS)}")
         st.check_codec(self.codec, self.dtype)
@@ -89,7 +86,7 @@ class HarvestOptions:
             raise UsageError(f"--chunk-seqs {chunk} must divide --batch-size {self.batch_size}")
         if self.shard_seqs is not None and self.shard_seqs % chunk:
             raise UsageError(f"--shard-seqs {self.shard_seqs} must be a multiple of the chunk ({chunk} sequences)")
-        resolve_device(self.device)
+        check_runtime(self.device, self.compute_dtype)
 
     @property
     def n_seq(self) -> int:
@@ -151,63 +148,6 @@ def _existing_settings(out: str, overwrite: bool) -> dict[str, Any] | None:
             return {"foreign": True}
         raise UsageError(f"{out} is a Zarr group but not an actstore store; use --overwrite or another path")
     return dict(attrs["settings"])
-
-
-class _Writer(threading.Thread):
-    """Writes batches to the store in the background and advances the commit record after each."""
-
-    def __init__(self, group: Any, hooks: list[str], codec: str, lossy: dict[str, Any]):
-        super().__init__(daemon=True)
-        self.group, self.hooks, self.codec = group, hooks, codec
-        self.tokens, self.acts = group["tokens"], {h: group["acts"][h] for h in hooks}
-        self.inbox: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.lossy = lossy  # per hook: sums for the RMS relative error and the max per-token error
-
-    def run(self) -> None:
-        try:
-            while (item := self.inbox.get()) is not None:
-                self._write(*item)
-        except BaseException as exc:  # surfaced by the main thread at its next put/close
-            self.error = exc
-            while self.inbox.get() is not None:  # drain so the producer never blocks forever
-                pass
-
-    def _write(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
-        stop = start + len(tokens)
-        self.tokens[start:stop] = tokens
-        for hook in self.hooks:
-            self.acts[hook][start:stop] = acts[hook]
-            if st.is_lossy(self.codec):
-                self._measure(hook, acts[hook])
-        st.commit(self.group, stop, {"lossy_error": _lossy_summary(self.lossy)} if self.lossy else None)
-
-    def _measure(self, hook: str, x: np.ndarray) -> None:
-        x32 = x.astype(np.float32)
-        err = st.apply_lossy(self.codec, x).astype(np.float32) - x32
-        err_sq, x_sq = (err**2).sum(-1), (x32**2).sum(-1)
-        acc = self.lossy.setdefault(hook, {"err_sq": 0.0, "x_sq": 0.0, "max_rel": 0.0})
-        acc["err_sq"] += float(err_sq.sum())
-        acc["x_sq"] += float(x_sq.sum())
-        acc["max_rel"] = max(acc["max_rel"], float(np.sqrt(err_sq / np.maximum(x_sq, 1e-30)).max()))
-
-    def put(self, item: tuple) -> None:
-        if self.error:
-            raise self.error
-        self.inbox.put(item)
-
-    def close(self) -> None:
-        self.inbox.put(None)
-        self.join()
-        if self.error:
-            raise self.error
-
-
-def _lossy_summary(acc: dict[str, Any]) -> dict[str, Any]:
-    return {
-        h: {"rms_rel": float(np.sqrt(a["err_sq"] / max(a["x_sq"], 1e-30))), "max_rel": a["max_rel"], **a}
-        for h, a in acc.items()
-    }
 
 
 def harvest(
@@ -276,7 +216,7 @@ def harvest(
     lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()} if start else {}
     for acc in lossy.values():  # sums are only valid up to the batch boundary we restart from
         acc.pop("rms_rel", None)
-    writer = _Writer(group, hooks, o.codec, lossy)
+    writer = StoreWriter(group, hooks, o.codec, lossy)
     writer.start()
     bar = token_bar(progress, o.n_seq * o.seq_len, "harvest", initial=start * o.seq_len)
     seq = start

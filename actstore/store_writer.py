@@ -1,0 +1,75 @@
+"""The harvest's background writer: compresses and writes batches while the model computes the next.
+
+Why a thread: the forward pass and zarr's compression both release the GIL, so writing the previous
+batch overlaps the next forward pass. Each batch is written as whole chunks and only then counted in the
+commit record (`store.commit`), which is what makes a killed harvest resumable. For a lossy codec it
+also measures the relative error the codec introduced, which the store records.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from actstore import store as st
+from actstore.metrics import EPS
+
+
+class StoreWriter(threading.Thread):
+    """Writes batches to the store in the background and advances the commit record after each."""
+
+    def __init__(self, group: Any, hooks: list[str], codec: str, lossy: dict[str, Any]):
+        super().__init__(daemon=True)
+        self.group, self.hooks, self.codec = group, hooks, codec
+        self.tokens, self.acts = group["tokens"], {h: group["acts"][h] for h in hooks}
+        self.inbox: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.lossy = lossy  # per hook: sums for the RMS relative error and the max per-token error
+
+    def run(self) -> None:
+        try:
+            while (item := self.inbox.get()) is not None:
+                self._write(*item)
+        except BaseException as exc:  # surfaced by the main thread at its next put/close
+            self.error = exc
+            while self.inbox.get() is not None:  # drain so the producer never blocks forever
+                pass
+
+    def _write(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        stop = start + len(tokens)
+        self.tokens[start:stop] = tokens
+        for hook in self.hooks:
+            self.acts[hook][start:stop] = acts[hook]
+            if st.is_lossy(self.codec):
+                self._measure(hook, acts[hook])
+        st.commit(self.group, stop, {"lossy_error": _lossy_summary(self.lossy)} if self.lossy else None)
+
+    def _measure(self, hook: str, x: np.ndarray) -> None:
+        x32 = x.astype(np.float32)
+        err = st.apply_lossy(self.codec, x).astype(np.float32) - x32
+        err_sq, x_sq = (err**2).sum(-1), (x32**2).sum(-1)
+        acc = self.lossy.setdefault(hook, {"err_sq": 0.0, "x_sq": 0.0, "max_rel": 0.0})
+        acc["err_sq"] += float(err_sq.sum())
+        acc["x_sq"] += float(x_sq.sum())
+        acc["max_rel"] = max(acc["max_rel"], float(np.sqrt(err_sq / np.maximum(x_sq, EPS)).max()))
+
+    def put(self, item: tuple) -> None:
+        if self.error:
+            raise self.error
+        self.inbox.put(item)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.join()
+        if self.error:
+            raise self.error
+
+
+def _lossy_summary(acc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        h: {"rms_rel": float(np.sqrt(a["err_sq"] / max(a["x_sq"], EPS))), "max_rel": a["max_rel"], **a}
+        for h, a in acc.items()
+    }
