@@ -141,7 +141,7 @@ def create_store(
     acts = group.create_group("acts")
     for hook, d in hook_dims.items():
         shards = None if shard_seqs is None else (shard_seqs, seq_len, d)
-        _activation_array(
+        activation_array(
             acts, hook, (n_seq, seq_len, d), (chunk_seqs, seq_len, d), shards, dtype, codec, {"hook": hook}
         )
     return group
@@ -152,7 +152,7 @@ def stored_dtype(arr: zarr.Array) -> str:
     return str(arr.attrs.get("actstore_dtype", arr.dtype))
 
 
-def _activation_array(
+def activation_array(
     parent: zarr.Group,
     name: str,
     shape: tuple[int, ...],
@@ -179,25 +179,6 @@ def _activation_array(
     )
     arr.attrs.update({"actstore_dtype": dtype, **attrs})
     return arr
-
-
-def recon_array(group: zarr.Group, hook: str, sae_id: str) -> zarr.Array:
-    """A fresh `recon/<sae_id>/<hook>` with the activations' shape, chunks, dtype and codec."""
-    acts = group["acts"][hook]
-    codec = group.attrs.get("codec", {}).get("name", DEFAULT_CODEC)
-    parent = group.require_group("recon").require_group(sae_id)
-    return _activation_array(
-        parent, hook, acts.shape, acts.chunks, acts.shards, stored_dtype(acts), codec, {"hook": hook, "sae_id": sae_id}
-    )
-
-
-def read_recon(group: zarr.Group, hook: str, sae_id: str, seqs: slice = slice(None)) -> np.ndarray:
-    """An SAE's reconstructions written by eval, as float32."""
-    try:
-        arr = group[f"recon/{sae_id}/{hook}"]
-    except KeyError:
-        raise StoreError(f"the store has no recon/{sae_id}/{hook}; run `actstore eval` for that SAE") from None
-    return to_float32(arr[seqs], stored_dtype(arr))
 
 
 def now() -> str:

@@ -33,6 +33,7 @@ from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_mode
 from actstore.options import option, positive
 from actstore.patching import Patcher, batches, place
 from actstore.progress import token_bar
+from actstore.recon import read_recon
 from actstore.saeio import EvalSAE, load_eval_sae
 
 
@@ -125,7 +126,7 @@ def darkmatter(
         if n_seq < 2:
             raise UsageError(f"{sae_id} was evaluated on {n_seq} sequence; dark matter needs at least 2 (fit/test)")
         x = st.read_acts(group, hook, slice(0, n_seq))
-        xh = st.read_recon(group, hook, sae_id, slice(0, n_seq))
+        xh = read_recon(group, hook, sae_id, slice(0, n_seq))
         seq_len, d = x.shape[1], x.shape[2]
         fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
         row, w = analyse(x.reshape(-1, d), xh.reshape(-1, d), fit)

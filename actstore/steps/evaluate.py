@@ -27,6 +27,7 @@ from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_mode
 from actstore.options import option, positive
 from actstore.patching import Batch, Patcher, batches, place
 from actstore.progress import plural_saes, token_bar
+from actstore.recon import recon_array
 from actstore.saeio import EvalSAE, load_eval_sae
 from actstore.steps.layers import write_layers
 
@@ -187,7 +188,7 @@ def _evaluate_hook(
 ) -> dict[str, dict[str, pl.DataFrame]]:
     seq_len = int(group["tokens"].shape[1])
     patcher = Patcher(model, hook)
-    recon = {s.sae_id: st.recon_array(group, hook, s.sae_id) for s in saes}
+    recon = {s.sae_id: recon_array(group, hook, s.sae_id) for s in saes}
     collected = {s.sae_id: _Collected() for s in saes}
     bar = token_bar(progress, n_seq * seq_len, f"eval {hook} ({plural_saes(len(saes))})")
     for b, batch in enumerate(batches(group, model, patcher, range(n_seq), o.batch_size, o.device)):
