@@ -47,9 +47,7 @@ class ActivationLoader:
         prefetch: int = 4,
     ):
         self.group = st.open_store(store_path)
-        if hook not in st.hooks_of(self.group):
-            raise UsageError(f"hook {hook!r} is not in {store_path}; it has {', '.join(st.hooks_of(self.group))}")
-        arr = self.group["acts"][hook]
+        arr = st.acts_array(self.group, hook, store_path)
         n_seq, seq_len, self.d = arr.shape
         if st.committed(self.group) < n_seq:
             raise StoreError(

@@ -212,11 +212,18 @@ def hooks_of(group: zarr.Group) -> list[str]:
     return sorted(group["acts"].array_keys())
 
 
+def acts_array(group: zarr.Group, hook: str, store: str = "this store", who: str = "") -> zarr.Array:
+    """`acts/<hook>`, or a one-line error naming the hooks the store has (`who` says what asked for it)."""
+    if hook not in hooks_of(group):
+        asker = f"{who} reads {hook}, which" if who else f"hook {hook!r} is not in {store};"
+        verb = f" {store} lacks;" if who else ""
+        raise UsageError(f"{asker}{verb} it has {', '.join(hooks_of(group))}")
+    return group["acts"][hook]
+
+
 def read_acts(group: zarr.Group, hook: str, seqs: slice = slice(None)) -> np.ndarray:
     """Activations of `hook` for a slice of sequences, as float32; a damaged chunk raises StoreError."""
-    if hook not in hooks_of(group):
-        raise UsageError(f"hook {hook!r} is not in this store; it has {', '.join(hooks_of(group))}")
-    arr = group["acts"][hook]
+    arr = acts_array(group, hook)
     try:
         values = arr[seqs]
     except Exception as exc:

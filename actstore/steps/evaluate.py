@@ -72,9 +72,7 @@ def evaluate(
     saes = load_saes(run, sae_paths)
     hooks = st.hooks_of(group)
     for s in saes:
-        if s.hook not in hooks:
-            raise UsageError(f"SAE {s.sae_id} reads {s.hook}, which {eval_store} lacks; it has {', '.join(hooks)}")
-        d = int(group["acts"][s.hook].shape[2])
+        d = int(st.acts_array(group, s.hook, eval_store, who=f"SAE {s.sae_id}").shape[2])
         if s.d_in != d:
             raise UsageError(f"SAE {s.sae_id} has d_in {s.d_in} but {s.hook} in {eval_store} is {d} wide")
     seq_len = int(group["tokens"].shape[1])

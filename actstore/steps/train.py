@@ -137,11 +137,8 @@ def train(
             raise UsageError(f"token budget {spec.tokens} for {spec.sae_id} is not positive; give --tokens like 1M")
     group = st.open_store(store)
     run = Path(out)
-    hooks_in_store = st.hooks_of(group)
     for spec in specs:
-        if spec.hook not in hooks_in_store:
-            raise UsageError(f"hook {spec.hook!r} is not in {store}; it has {', '.join(hooks_in_store)}")
-        d_in = group["acts"][spec.hook].shape[2]
+        d_in = st.acts_array(group, spec.hook, store).shape[2]
         if not 0 < spec.k < d_in * spec.expansion:
             raise UsageError(
                 f"k = {spec.k} must be between 1 and d_sae - 1 = {d_in * spec.expansion - 1} "
