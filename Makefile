@@ -25,7 +25,9 @@ test: setup
 demo: setup
 	$(BIN)/actstore demo --out $(DEMO)
 
+# bench/train.py compares with EleutherAI's sparsify; pinned, and with torch held at the CPU wheel.
 bench: setup
+	$(BIN)/pip install -q eai-sparsify==1.3.3 $(TORCH)
 	$(BIN)/python bench/harvest.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py

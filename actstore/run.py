@@ -10,8 +10,8 @@ and a collaborator's tools read it too. The layout:
     RUN/records/<table>/<key>=<value>/part-0.parquet   the records tables (actstore/tables.py)
     RUN/report/                                   report.md, report.html, figures/
 
-`sae_id` = `<hook>__k<k>_x<expansion>_<tokens>_s<seed>` (tokens written like 1M or 250k) is built and
-parsed here only; every other module reads an SAE's hook, k, … from the `saes` table.
+`sae_id` = `<hook>__k<k>_x<expansion>_<tokens>[_lr<lr>]_s<seed>` (tokens written like 1M or 250k; the
+learning rate only when it was given, not the default recipe's) is built and parsed here only; every other module reads an SAE's hook, k, … from the `saes` table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from actstore import atomic
 from actstore.tables import SCHEMA_VERSION, TABLES, polars_schema
 from actstore.units import format_count, parse_count
 
-_SAE_ID = re.compile(r"^(?P<hook>.+)__k(?P<k>\d+)_x(?P<expansion>\d+)_(?P<tokens>\d+(\.\d)?[kMB]?)_s(?P<seed>\d+)$")
+_SAE_ID = re.compile(
+    r"^(?P<hook>.+)__k(?P<k>\d+)_x(?P<expansion>\d+)_(?P<tokens>\d+(\.\d)?[kMB]?)"
+    r"(_lr(?P<lr>\d+(\.\d+)?(e-?\d+)?))?_s(?P<seed>\d+)$"
+)
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,12 @@ class SAESpec:
     expansion: int
     tokens: int
     seed: int
+    lr: float | None = None  # the peak learning rate; None: the default recipe's (actstore/trainee.py)
 
     @property
     def sae_id(self) -> str:
-        return f"{self.hook}__k{self.k}_x{self.expansion}_{format_count(self.tokens)}_s{self.seed}"
+        lr = "" if self.lr is None else f"_lr{self.lr:g}"
+        return f"{self.hook}__k{self.k}_x{self.expansion}_{format_count(self.tokens)}{lr}_s{self.seed}"
 
     @classmethod
     def parse(cls, sae_id: str) -> SAESpec | None:
@@ -50,7 +55,8 @@ class SAESpec:
         m = _SAE_ID.match(sae_id)
         if m is None:
             return None
-        return cls(m["hook"], int(m["k"]), int(m["expansion"]), parse_count(m["tokens"]), int(m["seed"]))
+        lr = float(m["lr"]) if m["lr"] else None
+        return cls(m["hook"], int(m["k"]), int(m["expansion"]), parse_count(m["tokens"]), int(m["seed"]), lr)
 
 
 def run_json(run: str | Path) -> Path:
@@ -156,6 +162,9 @@ def saes_row(
     seed: int | None,
     architecture: str,
     path: str,
+    lr: float | None = None,
+    still_improving: float | None = None,
+    undertrained: bool | None = None,
 ) -> pl.DataFrame:
     """The `saes` row of one SAE (train writes it for ours when it saves one; eval for external SAEs)."""
     from actstore.model import hook_layer
@@ -175,6 +184,9 @@ def saes_row(
                 "seed": seed,
                 "architecture": architecture,
                 "path": path,
+                "lr": lr,
+                "still_improving": still_improving,
+                "undertrained": undertrained,
             }
         ],
         schema=polars_schema("saes"),

@@ -90,6 +90,9 @@ TABLES: dict[str, Table] = {
             seed INTEGER initialisation seed
             architecture VARCHAR topk, relu or jumprelu
             path VARCHAR directory of the SAE's weights
+            lr DOUBLE peak learning rate (NULL: not trained by actstore)
+            still_improving DOUBLE relative drop of the batch FVU over the last tenth of the steps before the decay
+            undertrained BOOLEAN still_improving above actstore's threshold: the curve was still falling steeply
         """),
             "`actstore train` (our SAEs) or `actstore eval` (external ones)",
         ),

@@ -19,6 +19,49 @@ if TYPE_CHECKING:
     from actstore.steps.train import TrainOptions
 
 
+# The default learning rate (docs/METHODS.md, "Training recipe"): Gao et al.'s width scaling, 2e-4 at 2^14
+# latents ∝ 1/√d_sae, was tuned for runs of hundreds of thousands of steps. Adam moves a weight by about
+# the rate each step, so a shorter run at that rate ends far from its optimum. Measured: 16× that rate was
+# the best of ×1…×32 at 244 steps and beat ×4 and ×8 at 976 steps (×32 killed 38% of the latents at k = 8).
+# So the rate is MAX_BOOST× up to ~1,000 steps and falls as 1/√steps beyond, reaching Gao et al.'s at
+# REFERENCE_STEPS (an extrapolation past the measured range, stated as such in docs/METHODS.md).
+REFERENCE_STEPS = 256_000
+STEPS_POWER = 0.5
+MAX_BOOST = 16.0
+
+
+def recipe_lr(d_sae: int, batch_size: int, tokens: int) -> float:
+    """The default peak learning rate of an SAE of `d_sae` latents trained on `tokens` in batches of `batch_size`."""
+    steps = max(1, -(-tokens // batch_size))
+    return default_lr(d_sae) * min(MAX_BOOST, max(1.0, REFERENCE_STEPS / steps) ** STEPS_POWER)
+
+
+def dead_window(batch_size: int, tokens: int) -> int:
+    """Tokens without firing after which a latent counts as dead and AuxK trains it: a fiftieth of the
+    budget (docs/METHODS.md: a tenth let 10–20% of the latents of 1M-token runs die), at most Gao et al.'s 10M."""
+    return min(10_000_000, max(batch_size, tokens // 50))
+
+
+UNDERTRAINED = 0.05  # still_improving above this: the flat-lr phase ended with FVU still falling > 5% per tenth
+
+
+def still_improving(fvu_steps: list[float], decay_frac: float) -> float | None:
+    """How steeply the batch FVU was still falling when the learning rate began to decay.
+
+    The relative drop of the mean batch FVU from one tenth of the steps to the next, over the last two
+    tenths before the decay: (mean over [0.6, 0.7) − mean over [0.7, 0.8)) / mean over [0.7, 0.8) of the
+    steps when the decay takes the last fifth. Near 0: converged at this learning rate; large: the
+    budget (or the rate) was too small. None for runs of under 20 steps.
+    """
+    n = len(fvu_steps)
+    end, w = int(n * (1 - decay_frac)), n // 10
+    if n < 20 or end - 2 * w < 0:
+        return None
+    before = sum(fvu_steps[end - 2 * w : end - w]) / w
+    last = sum(fvu_steps[end - w : end]) / w
+    return (before - last) / last if last > 0 else None
+
+
 def lr_at(tokens_seen: int, budget: int, peak: float, o: TrainOptions) -> float:
     """Linear warm-up over the first `warmup_frac` of the budget, flat, linear decay to 0 at the end."""
     frac = tokens_seen / budget
@@ -55,13 +98,14 @@ class Trainee:
         )
         with torch.no_grad():
             self.sae.b_dec.copy_(b_dec)
-        self.peak_lr = o.lr if o.lr is not None else default_lr(d_sae)
+        self.peak_lr = spec.lr if spec.lr is not None else recipe_lr(d_sae, o.batch_size, spec.tokens)
         fused = {"fused": True} if _fused_adam_ok(o.device) else {}
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.peak_lr, betas=(0.9, 0.999), eps=6.25e-10, **fused)
-        self.dead_tokens = o.dead_tokens or min(10_000_000, max(o.batch_size, spec.tokens // 10))
+        self.dead_tokens = o.dead_tokens or dead_window(o.batch_size, spec.tokens)
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.seen, self.step, self.curves = 0, 0, []
+        self.fvu_steps: list[float] = []  # every step's batch FVU: the convergence measure reads it
         self.var_per_token: torch.Tensor | None = None
 
     @property
@@ -90,6 +134,8 @@ class Trainee:
         self.opt.step()
         self.sae.set_decoder_norm_to_unit()
 
+        fvu = float(out.fvu.detach())
+        self.fvu_steps.append(fvu)
         with torch.no_grad():
             active = out.top_indices[out.top_acts > 0]
             fired = torch.bincount(active, minlength=self.sae.d_sae)
@@ -106,8 +152,8 @@ class Trainee:
                         "tokens": self.seen,
                         "mse": float(err.mean() / x.shape[1]),
                         "nmse": float((err / x.pow(2).sum(1).clamp_min(EPS)).mean()),
-                        "explained_variance": float(1 - out.fvu),
-                        "fvu": float(out.fvu),
+                        "explained_variance": 1 - fvu,
+                        "fvu": fvu,
                         "l0": float((out.top_acts > 0).sum(1).float().mean()),
                         "dead_frac": float(dead.float().mean()),
                         "batch_usage": float((fired > 0).float().mean()),
@@ -115,7 +161,11 @@ class Trainee:
                         "aux_loss": float(out.auxk_loss),
                     }
                 )
-        return float(out.fvu.detach())
+        return fvu
+
+    def still_improving(self) -> float | None:
+        """This SAE's `still_improving` (see the function of that name)."""
+        return still_improving(self.fvu_steps, self.o.decay_frac)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -126,6 +176,7 @@ class Trainee:
             "seen": self.seen,
             "step": self.step,
             "curves": self.curves,
+            "fvu_steps": self.fvu_steps,
             "var_per_token": self.var_per_token,
         }
 
@@ -135,6 +186,7 @@ class Trainee:
         self.since_fired.copy_(s["since_fired"])
         self.fire_counts.copy_(s["fire_counts"])
         self.seen, self.step, self.curves = s["seen"], s["step"], s["curves"]
+        self.fvu_steps = list(s["fvu_steps"])
         self.var_per_token = s.get("var_per_token")
 
 

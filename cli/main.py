@@ -80,7 +80,11 @@ def train(store: str, run: str, quiet: bool, **kw: Any) -> None:
     wanted = {s.sae_id for s in specs}
     for row in summary(run):
         if row["sae_id"] in wanted:
-            click.echo(f"{row['sae_id']:<48} FVU {row['fvu']:.4f}  dead {row['dead_frac']:.3f}  L0 {row['l0']:.1f}")
+            drop = "-" if row["still_improving"] is None else f"{row['still_improving']:.1%}"
+            click.echo(
+                f"{row['sae_id']:<48} lr {row['lr']:.2e}  FVU {row['fvu']:.4f}  dead {row['dead_frac']:.3f}  "
+                f"L0 {row['l0']:.1f}  still improving {drop}"
+            )
 
 
 @main.command("eval", short_help="Evaluate SAEs on an eval store: per-token Parquet records, reconstructions in Zarr.")

@@ -34,7 +34,7 @@ alive AS (  -- over every position: the latents table's firing counts; else the 
     GROUP BY sae_id
 )
 SELECT
-    s.sae_id, s.model, s.hook, s.layer, s.k, s.d_sae, s.train_tokens, s.seed, e.n_seq, e.n_tokens::BIGINT AS n_tokens,
+    s.sae_id, s.model, s.hook, s.layer, s.k, s.d_sae, s.train_tokens, s.seed, s.lr, e.n_seq, e.n_tokens::BIGINT AS n_tokens,
     e.r2, i.r2[1] AS r2_lo, i.r2[2] AS r2_hi,
     e.ce_rec, i.ce_rec[1] AS ce_rec_lo, i.ce_rec[2] AS ce_rec_hi,
     e.ce_loss_recovered, i.ce_loss_recovered[1] AS ce_loss_recovered_lo, i.ce_loss_recovered[2] AS ce_loss_recovered_hi,

@@ -72,6 +72,9 @@ def _saes_row(sae_id: str, hook: str, k: int, seed: int, model: str = "m", token
                 "seed": seed,
                 "architecture": "topk",
                 "path": "",
+                "lr": 1e-3,
+                "still_improving": 0.01,
+                "undertrained": False,
             }
         ]
     )
@@ -661,3 +664,24 @@ def test_records_of_an_older_schema_and_runs_without_tokens_still_answer(sweep_r
     assert sql(str(curves_only), "SELECT count(*) AS n FROM curves")["n"][0] == 2
     assert query(str(curves_only), "darkmatter").is_empty()
     assert "actstore darkmatter RUN" in why_empty(str(curves_only), "darkmatter")
+
+
+def test_lr_sweep_marks_the_rate_with_the_lowest_held_out_fvu(sweep_run, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(sweep_run, run)
+    base = rec.read_table(run, "saes").row(0, named=True)
+    tokens = rec.read_table(run, "tokens").filter(pl.col("sae_id") == base["sae_id"]).drop("sae_id")
+    rates = {3e-3: 0.5, 1e-2: 0.8, 3e-2: 1.2}  # each rate's error scale; the base SAE is lr 1e-3, scale 1
+    for lr, scale in rates.items():
+        sae_id = f"{base['sae_id']}_lr{lr:g}"
+        row = rec.read_table(run, "saes").filter(pl.col("sae_id") == base["sae_id"]).drop("sae_id")
+        frames = {"tokens": tokens.with_columns(sse=pl.col("sse") * scale), "saes": row.with_columns(lr=pl.lit(lr))}
+        rec.write_tables(run, sae_id, frames)
+    cell = {key: base[key] for key in ("model", "hook", "k", "expansion", "seed", "train_tokens")}
+    out = query(run, "lr_sweep").filter(*[pl.col(key) == value for key, value in cell.items()])
+    assert out["lr"].to_list() == [1e-3, *rates] and (out["n_lr"] == 4).all()
+    want = [float(tokens["sse"].sum() * scale / tokens["sst"].sum()) for scale in (1.0, *rates.values())]
+    np.testing.assert_allclose(out["fvu"].to_numpy(), want, rtol=1e-5)
+    assert out["best"].to_list() == [False, True, False, False] and not out["best_at_edge"].any()

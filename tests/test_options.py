@@ -116,8 +116,9 @@ def test_text_is_read_the_way_the_cli_reads_it():
         (lambda: HarvestOptions(hooks=("a", "a")), "twice"),
         (lambda: HarvestOptions(split="test"), "unknown --split"),
         (lambda: HarvestOptions(seq_len=128, tokens=100), "less than one sequence"),
-        (lambda: TrainOptions(lr=-1), "--lr -1 must be a positive number"),
-        (lambda: TrainOptions(lr=float("nan")), "must be a positive number"),
+        (lambda: build(Sweep, {"hooks": "x", "lr": "-1"}), "--lr -1 must be positive numbers"),
+        (lambda: build(Sweep, {"hooks": "x", "lr": "nan"}), "must be positive numbers"),
+        (lambda: build(Sweep, {"hooks": "x", "lr": "fast"}), "--lr takes comma-separated positive numbers"),
         (lambda: TrainOptions(batch_size=0), "--batch-size 0 must be at least 1"),
         (lambda: TrainOptions(auxk_coef=-0.5), "--auxk-coef"),
         (lambda: TrainOptions(log_every=0), "--log-every 0"),
@@ -140,7 +141,9 @@ def test_valid_edge_values_are_accepted():
     assert DarkmatterOptions(max_seqs=2).max_seqs == 2
     assert EvalOptions(max_seqs=1, patch_pos=0).patch_pos == 0
     assert HarvestOptions(chunk_seqs=8, batch_size=32).chunk_seqs == 8
-    assert TrainOptions(lr=1e-9, auxk_coef=0.0).auxk_coef == 0.0
+    assert TrainOptions(auxk_coef=0.0).auxk_coef == 0.0
+    assert build(Sweep, {"hooks": "x", "lr": "1e-9,0.5"}).lr == (1e-9, 0.5)
+    assert build(Sweep, {"hooks": "x", "lr": "auto"}).lr == ()
 
 
 def test_a_bad_list_option_on_the_command_line_is_one_line(tmp_path):

@@ -90,6 +90,9 @@ def _write_sae(run: Path, hook: str, k: int, rng: np.random.Generator) -> str:
             "seed": 0,
             "architecture": "topk",
             "path": "",
+            "lr": 1e-3,
+            "still_improving": 0.06 if k == 4 else 0.01,  # one SAE still learning when its rate decayed
+            "undertrained": k == 4,
         }
     )
     step = np.arange(1, 6)
@@ -173,6 +176,10 @@ def test_report_writes_markdown_and_self_contained_html_into_run_report(run, wri
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert not re.search(r'(src|href)="(?!data:)', page), "the HTML must not load anything from outside"
     assert "Skipped" not in markdown, "every table the report reads exists in this run"
+    lr_table = markdown.split("(query `lr_sweep`)", 1)[1].split("\n#", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lr_table.splitlines() if line.startswith("|")]
+    flags = [dict(zip(rows[0], r, strict=True))["undertrained"] for r in rows[2:]]
+    assert sorted(flags) == ["False", "False", "True", "True"]  # the two k = 4 SAEs were still learning
     assert len(IMG.findall(page)) == len(rp.FIGURES)
     for table in rp.TABLES:
         assert f"{table.title} (query `{table.query}`)" in markdown

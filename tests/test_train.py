@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from actstore.errors import StoreError, UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
-from actstore.run import SAESpec
+from actstore.run import SAESpec, read_table
 from actstore.steps.train import TrainOptions, sweep, train
-from actstore.trainee import Trainee
+from actstore.trainee import UNDERTRAINED, Trainee
 
 from .synthetic import sparse_dictionary_data, write_store
 
@@ -113,7 +113,7 @@ def _store_rows(path: str) -> np.ndarray:
 def test_sae_recovers_a_known_dictionary(dict_store, tmp_path):
     path, D = dict_store
     specs = [SAESpec(HOOK, k=3, expansion=4, tokens=400_000, seed=0)]
-    (out,) = train(path, str(tmp_path / "run"), specs, TrainOptions(batch_size=512, lr=3e-3, dead_tokens=20_000))
+    (out,) = train(path, str(tmp_path / "run"), specs, TrainOptions(batch_size=512))  # the default recipe
     W_dec = load_file(f"{out}/sae_weights.safetensors")["W_dec"].numpy()
     recovered = _max_cos(W_dec, D)
     # Chance level: the best match among 128 random directions in 32 dimensions (~0.6). A learned
@@ -125,10 +125,10 @@ def test_sae_recovers_a_known_dictionary(dict_store, tmp_path):
 
 def test_auxk_revives_latents_that_would_stay_dead(dict_store):
     path, _ = dict_store
-    spec = SAESpec(HOOK, k=3, expansion=4, tokens=240_000, seed=0)
+    spec = SAESpec(HOOK, k=3, expansion=4, tokens=240_000, seed=0, lr=3e-3)
     dead_after = {}
     for coef in (0.0, 1 / 32):
-        o = TrainOptions(batch_size=512, lr=3e-3, dead_tokens=2_000, auxk_coef=coef)
+        o = TrainOptions(batch_size=512, dead_tokens=2_000, auxk_coef=coef)
         t = Trainee(spec, 32, o, torch.zeros(32))
         with torch.no_grad():
             t.sae.b_enc[32:] = -2.0  # 3/4 of the latents start too far down to win the top-k
@@ -143,7 +143,7 @@ def test_auxk_revives_latents_that_would_stay_dead(dict_store):
 
 def test_budget_sweep_in_one_pass_equals_a_separate_run(dict_store, tmp_path):
     path, _ = dict_store
-    o = TrainOptions(batch_size=1000, lr=2e-3)
+    o = TrainOptions(batch_size=1000)
     train(path, str(tmp_path / "sweep"), sweep([HOOK], [4], [2], [10_000, 30_000], [0, 1]), o)
     train(path, str(tmp_path / "alone"), sweep([HOOK], [4], [2], [10_000], [1]), o)
     a = load_file(str(tmp_path / "sweep/saes" / f"{HOOK}__k4_x2_10k_s1" / "sae_weights.safetensors"))
@@ -160,7 +160,10 @@ def test_budget_sweep_in_one_pass_equals_a_separate_run(dict_store, tmp_path):
 def test_outputs_config_curves_and_fire_counts(dict_store, tmp_path):
     path, _ = dict_store
     (out,) = train(
-        path, str(tmp_path / "run"), [SAESpec(HOOK, 4, 2, 8_000, 0)], TrainOptions(batch_size=1000, log_every=2)
+        path,
+        str(tmp_path / "run"),
+        [SAESpec(HOOK, 4, 2, 8_000, 0, lr=2e-3)],
+        TrainOptions(batch_size=1000, log_every=2),
     )
     cfg = json.loads(Path(out, "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["hook_name"] == HOOK and cfg["d_sae"] == 64 and cfg["k"] == 4
@@ -272,8 +275,8 @@ def test_a_finished_sae_trained_with_other_settings_is_not_silently_reused(dict_
     path, _ = dict_store
     run = str(tmp_path / "run")
     train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000))
-    with pytest.raises(UsageError, match="other settings .*lr"):
-        train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000, lr=0.01))
+    with pytest.raises(UsageError, match="other settings .*auxk_coef"):
+        train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000, auxk_coef=0.5))
 
 
 def test_a_one_row_tail_does_not_blow_up_the_fvu(dict_store, tmp_path):
@@ -334,3 +337,54 @@ def test_resuming_a_run_on_another_models_store_is_refused(dict_store, tmp_path)
     other = write_store(str(tmp_path / "other.zarr"), x.reshape(8, 64, 32), model="another-model")
     with pytest.raises(UsageError, match="holds SAEs of model 'synthetic'"):
         train(other, run, [SAESpec(HOOK, 4, 2, 2_000, 1)], TrainOptions(batch_size=1000))
+
+
+def test_an_lr_sweep_trains_every_rate_in_one_pass_and_each_equals_a_separate_run(dict_store, tmp_path):
+    path, _ = dict_store
+    o = TrainOptions(batch_size=1000)
+    specs = sweep([HOOK], [4], [2], [10_000], [0], lrs=[1e-3, 4e-3])
+    assert [s.sae_id for s in specs] == [f"{HOOK}__k4_x2_10k_lr0.001_s0", f"{HOOK}__k4_x2_10k_lr0.004_s0"]
+    train(path, str(tmp_path / "sweep"), specs, o)
+    train(path, str(tmp_path / "alone"), sweep([HOOK], [4], [2], [10_000], [0], lrs=[4e-3]), o)
+    weights = {
+        run: load_file(str(tmp_path / run / "saes" / specs[1].sae_id / "sae_weights.safetensors"))
+        for run in ("sweep", "alone")
+    }
+    for name in weights["sweep"]:
+        assert torch.equal(weights["sweep"][name], weights["alone"][name]), name
+    rows = read_table(str(tmp_path / "sweep"), "saes").sort("lr")
+    assert rows["lr"].to_list() == [1e-3, 4e-3]
+    other = load_file(str(tmp_path / "sweep" / "saes" / specs[0].sae_id / "sae_weights.safetensors"))
+    assert not torch.equal(other["W_dec"], weights["sweep"]["W_dec"])
+    assert SAESpec.parse(specs[0].sae_id) == specs[0]
+
+
+def test_still_improving_is_the_drop_over_the_last_tenth_before_the_decay():
+    from actstore.trainee import still_improving
+
+    flat = [1.0] * 100
+    assert still_improving(flat, 0.2) == 0.0
+    falling = [2.0 - i / 100 for i in range(100)]  # steps 60–69 average 1.355, steps 70–79 average 1.255
+    assert still_improving(falling, 0.2) == pytest.approx((1.355 - 1.255) / 1.255)
+    assert still_improving(falling[:19], 0.2) is None  # too short to say
+
+
+def test_the_convergence_flag_marks_an_undertrained_run_and_not_a_converged_one(dict_store, tmp_path):
+    path, _ = dict_store
+    run = str(tmp_path / "run")
+    slow = SAESpec(HOOK, 3, 4, 100_000, 0, lr=2e-3)  # 18x below the recipe: still falling after 200 steps
+    fast = SAESpec(HOOK, 3, 4, 100_000, 0)  # the recipe's rate
+    train(path, run, [slow, fast], TrainOptions(batch_size=500))
+    rows = {r["sae_id"]: r for r in read_table(run, "saes").iter_rows(named=True)}
+    assert rows[slow.sae_id]["undertrained"] and rows[slow.sae_id]["still_improving"] > UNDERTRAINED
+    assert not rows[fast.sae_id]["undertrained"] and abs(rows[fast.sae_id]["still_improving"]) < UNDERTRAINED
+
+
+def test_fvu_falls_with_k_under_the_default_recipe(tmp_path):
+    x, _ = sparse_dictionary_data(400 * 64, d=32, n_atoms=128, k=8, noise=0.01, seed=3)
+    path = write_store(str(tmp_path / "k8.zarr"), x.reshape(400, 64, 32))
+    run = str(tmp_path / "run")
+    specs = sweep([HOOK], [2, 4, 8], [4], [200_000], [0])
+    train(path, run, specs, TrainOptions(batch_size=1024))
+    fvu = [_np_fvu(_weights(f"{run}/saes/{s.sae_id}"), x.astype(np.float64), s.k) for s in specs]
+    assert fvu[0] > fvu[1] > fvu[2], fvu

@@ -54,11 +54,12 @@ def demo(
             file=sys.stderr,
         )
     specs = sweep(list(DEMO_HOOKS), list(DEMO_KS), [8], [train_tokens], [0])
-    train(stores["train"], run, specs, TrainOptions(batch_size=1024), progress=progress)
+    train(stores["train"], run, specs, TrainOptions(), progress=progress)  # the default recipe, rate and all
     print(f"\n== trained SAEs in {run}/saes (training curves in {run}/records/curves)")
-    print(f"{'sae_id':<48} {'FVU':>7} {'dead':>6}")
+    print(f"{'sae_id':<48} {'lr':>8} {'FVU':>7} {'dead':>6} {'still improving':>16}")
     for row in summary(run):
-        print(f"{row['sae_id']:<48} {row['fvu']:>7.4f} {row['dead_frac']:>6.3f}")
+        drop = "-" if row["still_improving"] is None else f"{row['still_improving']:.1%}"
+        print(f"{row['sae_id']:<48} {row['lr']:>8.2e} {row['fvu']:>7.4f} {row['dead_frac']:>6.3f} {drop:>16}")
 
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     say(f"\n== eval: every SAE on the first {EVAL_SEQS} sequences of the eval store")

@@ -36,7 +36,7 @@ SUMMARY_COLUMNS = ("r2", "ce_rec", "ce_loss_recovered", "kl", "l0", "rate_bits",
 
 def _summary_table(df: pl.DataFrame) -> pl.DataFrame:
     keep = [c for c in df.columns if c.removesuffix("_lo").removesuffix("_hi") in SUMMARY_COLUMNS]
-    return analytics.with_intervals(df.select("sae_id", *keep))
+    return analytics.with_intervals(df.select("sae_id", "lr", *keep))
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ TABLES = [  # the first comes before the figures: the numbers a reader looks for
         title="KL gap (SAE / baseline) per SAE",
         query="kl_gap",
         shape=lambda df: df.pivot(on="baseline", index="sae_id", values="gap"),
+    ),
+    TableSpec(
+        title="Learning rate and convergence: which rate won each cell; undertrained = still falling at the decay",
+        query="lr_sweep",
+        shape=lambda df: df.drop("sae_id", "model"),
     ),
     TableSpec(title="Does R² go with CE_rec across the sweep?", query="corr_r2_ce"),
     TableSpec(title="k*: the smallest k reaching a CE_rec target", query="kstar"),

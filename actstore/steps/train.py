@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from actstore.options import csv, option, positive
 from actstore.progress import plural_saes, token_bar
 from actstore.run import SAESpec
 from actstore.sae import AUXK_COEF
-from actstore.trainee import Trainee, geometric_median
+from actstore.trainee import UNDERTRAINED, Trainee, geometric_median
 from actstore.units import parse_count
 
 
@@ -43,6 +44,18 @@ def _ints(name: str) -> Any:
             raise UsageError(f"--{name} takes comma-separated whole numbers, got {text!r}") from None
 
     return parse
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    if text.strip() == "auto":
+        return ()
+    try:
+        values = tuple(float(v) for v in csv(text))
+    except ValueError:
+        raise UsageError(f"--lr takes comma-separated positive numbers (or auto), got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"--lr {text} must be positive numbers")
+    return values
 
 
 @dataclass(frozen=True)
@@ -61,15 +74,22 @@ class Sweep:
         parse=lambda text: tuple(parse_count(t) for t in csv(text)), shown="1M",
     )  # fmt: skip
     seeds: tuple[int, ...] = option((0,), "Comma-separated initialisation seeds.", parse=_ints("seeds"), shown="0")
+    lr: tuple[float, ...] = option(
+        (),
+        "Comma-separated peak learning rates (default: the recipe's, from width, batch and steps; see docs/METHODS.md).",
+        parse=_floats,
+        shown="auto",
+    )
 
     def specs(self) -> list[SAESpec]:
-        hooks = self.hooks or ()
+        hooks, lrs = self.hooks or (), self.lr or (None,)
         specs = [
-            SAESpec(h, k, e, t, s)
+            SAESpec(h, k, e, t, s, lr)
             for h in hooks
             for k in self.k
             for e in self.expansion
             for t in self.tokens
+            for lr in lrs
             for s in self.seeds
         ]
         return list(dict.fromkeys(specs))
@@ -80,14 +100,15 @@ class TrainOptions:
     """How every SAE of a run is trained (small and grouped: optimiser, schedule, data, hardware)."""
 
     batch_size: int = option(4096, "Tokens per step.")
-    lr: float | None = option(None, "Peak learning rate (default: 2e-4 / sqrt(d_sae / 2^14), Gao et al.).")
     warmup_frac: float = option(0.05, "Linear warm-up over this share of each SAE's budget.", cli=False)
     decay_frac: float = option(0.2, "Linear decay to zero over the last share of each SAE's budget.", cli=False)
     grad_clip: float = option(1.0, "Gradient norm clip.", cli=False)
-    auxk_coef: float = option(AUXK_COEF, "Weight of the AuxK loss on dead latents.")
+    auxk_coef: float = option(
+        AUXK_COEF, "Weight of the AuxK loss on dead latents (it trains only them; docs/METHODS.md, training recipe)."
+    )
     dead_tokens: int | None = option(
         None,
-        "A latent is dead after this many tokens without firing (default: min(10M, budget/10)).",
+        "A latent is dead after this many tokens without firing (default: min(10M, budget/50)).",
         parse=parse_count,
     )
     low_precision: bool = option(False, "Run the encoder matmul in bfloat16.", flag="--bf16/--no-bf16")
@@ -102,8 +123,6 @@ class TrainOptions:
         positive("dead_tokens", self.dead_tokens, allow_none=True)
         positive("data_seed", self.data_seed, minimum=0)
         positive("log_every", self.log_every)
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr {self.lr} must be a positive number")
         if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
             raise UsageError(f"--auxk-coef {self.auxk_coef} must be a non-negative number")
         resolve_device(self.device)
@@ -112,9 +131,16 @@ class TrainOptions:
         return LoaderOptions(batch_size=self.batch_size, seed=self.data_seed, drop_first_positions=int(self.drop_bos))
 
 
-def sweep(hooks: list[str], ks: list[int], expansions: list[int], tokens: list[int], seeds: list[int]) -> list[SAESpec]:
-    """Every combination of the axes, as SAE specs."""
-    return Sweep(tuple(hooks), tuple(ks), tuple(expansions), tuple(tokens), tuple(seeds)).specs()
+def sweep(
+    hooks: list[str],
+    ks: list[int],
+    expansions: list[int],
+    tokens: list[int],
+    seeds: list[int],
+    lrs: list[float] | None = None,
+) -> list[SAESpec]:
+    """Every combination of the axes, as SAE specs (`lrs` None: the recipe's learning rate)."""
+    return Sweep(tuple(hooks), tuple(ks), tuple(expansions), tuple(tokens), tuple(seeds), tuple(lrs or ())).specs()
 
 
 def settings(store: str, o: TrainOptions) -> dict[str, Any]:
@@ -236,8 +262,21 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
     for t in trainees:  # (budgets beyond the store's size loop over it: the loader starts a new epoch)
         if not rundir.is_trained(run, t.spec.sae_id):
             _save(t, run, store, group, o, loader.epoch_tokens)
+    for t in trainees:
+        if _undertrained(t):
+            print(
+                f"warning: {t.spec.sae_id} was still improving when its learning rate decayed (batch FVU fell "
+                f"{t.still_improving():.1%} over the last tenth of its steps before the decay); give it more "
+                "--tokens or try larger --lr values",
+                file=sys.stderr,
+            )
     ckpt_path.unlink(missing_ok=True)
     return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
+
+
+def _undertrained(t: Trainee) -> bool | None:
+    drop = t.still_improving()
+    return None if drop is None else drop > UNDERTRAINED
 
 
 def _key(members: list[SAESpec], wanted: dict[str, Any]) -> dict[str, Any]:
@@ -267,6 +306,9 @@ def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_
         seed=spec.seed,
         architecture="topk",
         path=str(final),
+        lr=t.peak_lr,
+        still_improving=t.still_improving(),
+        undertrained=_undertrained(t),
     )
     rundir.write_tables(run, spec.sae_id, {"curves": pl.DataFrame(t.curves), "saes": row})
     context = int(attrs.get("seq_len", 0))
@@ -313,5 +355,6 @@ def summary(run: str) -> list[dict[str, Any]]:
     if curves.is_empty() or saes.is_empty():
         return []
     last = curves.sort("step").group_by("sae_id").last().join(saes.select("sae_id", "hook", "layer", "k"), on="sae_id")
+    last = last.join(saes.select("sae_id", "lr", "still_improving"), on="sae_id")
     last = last.sort("layer", "hook", "k", "sae_id", nulls_last=True)
-    return last.select("sae_id", "hook", "k", "tokens", "fvu", "dead_frac", "l0").to_dicts()
+    return last.select("sae_id", "hook", "k", "lr", "tokens", "fvu", "dead_frac", "l0", "still_improving").to_dicts()
