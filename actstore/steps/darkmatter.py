@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from actstore import atomic
 from actstore import run as rundir
@@ -50,15 +49,6 @@ def apply_affine(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Per-column 1 − SS_res/SS_tot (a 1-D y gives a scalar)."""
     return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
-
-
-def load_probe(run: str | Path, sae_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(W, b) of the linear error probe, LinearError(x) = x @ W + b; None if none was fitted."""
-    path = rundir.probe_path(run, sae_id)
-    if not path.is_file():
-        return None
-    t = load_file(str(path))
-    return t["W"], t["b"]
 
 
 def analyse(x: np.ndarray, xh: np.ndarray, fit: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
