@@ -354,6 +354,9 @@ def test_an_lr_sweep_trains_every_rate_in_one_pass_and_each_equals_a_separate_ru
         assert torch.equal(weights["sweep"][name], weights["alone"][name]), name
     rows = read_table(str(tmp_path / "sweep"), "saes").sort("lr")
     assert rows["lr"].to_list() == [1e-3, 4e-3]
+    from actstore.steps.train import summary
+
+    assert sorted(r["lr"] for r in summary(str(tmp_path / "sweep"))) == [1e-3, 4e-3]  # the peak, not the last step's
     other = load_file(str(tmp_path / "sweep" / "saes" / specs[0].sae_id / "sae_weights.safetensors"))
     assert not torch.equal(other["W_dec"], weights["sweep"]["W_dec"])
     assert SAESpec.parse(specs[0].sae_id) == specs[0]

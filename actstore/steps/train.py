@@ -355,6 +355,6 @@ def summary(run: str) -> list[dict[str, Any]]:
     if curves.is_empty() or saes.is_empty():
         return []
     last = curves.sort("step").group_by("sae_id").last().join(saes.select("sae_id", "hook", "layer", "k"), on="sae_id")
-    last = last.join(saes.select("sae_id", "lr", "still_improving"), on="sae_id")
+    last = last.drop("lr").join(saes.select("sae_id", "lr", "still_improving"), on="sae_id")  # the peak rate
     last = last.sort("layer", "hook", "k", "sae_id", nulls_last=True)
     return last.select("sae_id", "hook", "k", "lr", "tokens", "fvu", "dead_frac", "l0", "still_improving").to_dicts()
