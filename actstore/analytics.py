@@ -147,6 +147,8 @@ def run_sql(con, text: str, params: dict[str, Any] | None = None) -> pl.DataFram
         return con.sql(statements[-1].query).pl()
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
+        if isinstance(exc, duckdb.InvalidInputException) and first.startswith("Invalid Input Error: "):
+            raise UsageError(first.removeprefix("Invalid Input Error: ")) from None  # a query's own error()
         raise UsageError(f"SQL failed: {first} (views: {', '.join(_views(con))})") from None
 
 

@@ -8,6 +8,7 @@ top eigen-direction first, since one outlier direction (common in residual strea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,20 +23,48 @@ def participation_ratio(eigenvalues: np.ndarray) -> float:
     return float(lam.sum() ** 2 / (lam**2).sum()) if lam.any() else float("nan")
 
 
-def moments(group: Any, hook: str, n_seq: int, chunk: int = 64) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mean, mean-centred covariance divided by n, n) of a hook's first n_seq sequences, float64, streamed.
+@dataclass(frozen=True)
+class Moments:
+    """A hook's first and second moments over the evaluated tokens, float64."""
 
-    Eval takes its eval-set mean μ (for sst) from here too, so the store is read once for both.
+    mean: np.ndarray  # μ over every position (the tokens table's sst is ‖x − μ‖²)
+    cov: np.ndarray  # mean-centred covariance divided by n
+    n: int
+    pos_sum: np.ndarray  # (seq_len, d): Σ x over the tokens at each position, for μ of a position selection
+
+
+def moments(group: Any, hook: str, n_seq: int, chunk: int = 64) -> Moments:
+    """The moments of a hook's first n_seq sequences, streamed.
+
+    Eval takes its eval-set mean μ (for sst) and the per-position sums (the `positions` table, so a
+    position filter can re-centre SST on its own mean) from here too, so the store is read once for all.
     """
-    d = int(group["acts"][hook].shape[2])
-    xtx, total, n = np.zeros((d, d)), np.zeros(d), 0
+    d, seq_len = int(group["acts"][hook].shape[2]), int(group["acts"][hook].shape[1])
+    xtx, pos_sum, n = np.zeros((d, d)), np.zeros((seq_len, d)), 0
     for s in range(0, n_seq, chunk):
-        x = st.read_acts(group, hook, slice(s, min(s + chunk, n_seq))).reshape(-1, d).astype(np.float64)
+        x = st.read_acts(group, hook, slice(s, min(s + chunk, n_seq))).astype(np.float64)
+        pos_sum += x.sum(0)
+        x = x.reshape(-1, d)
         xtx += x.T @ x
-        total += x.sum(0)
         n += len(x)
-    mean = total / n
-    return mean, xtx / n - np.outer(mean, mean), n
+    mean = pos_sum.sum(0) / n
+    return Moments(mean, xtx / n - np.outer(mean, mean), n, pos_sum)
+
+
+def position_rows(store: str, hook: str, m: Moments, n_seq: int) -> pl.DataFrame:
+    """The `positions` rows of one hook: per position and dimension, Σ (x − μ) over the evaluated tokens."""
+    seq_len, d = m.pos_sum.shape
+    dev = m.pos_sum - n_seq * m.mean
+    return pl.DataFrame(
+        {
+            "store": [store] * (seq_len * d),
+            "hook": [hook] * (seq_len * d),
+            "pos": np.repeat(np.arange(seq_len), d),
+            "dim": np.tile(np.arange(d), seq_len),
+            "n": np.full(seq_len * d, n_seq),
+            "dev_sum": dev.reshape(-1),
+        }
+    )
 
 
 def layer_rows(store: str, max_seqs: int | None = None, known: dict | None = None) -> pl.DataFrame:
@@ -47,7 +76,8 @@ def layer_rows(store: str, max_seqs: int | None = None, known: dict | None = Non
     n_seq = min(st.committed(group), max_seqs or st.committed(group))
     rows = []
     for hook in st.hooks_of(group):
-        _, cov, n = (known or {}).get(hook) or moments(group, hook, n_seq)
+        m = (known or {}).get(hook) or moments(group, hook, n_seq)
+        cov, n = m.cov, m.n
         lam = np.linalg.eigvalsh(cov)[::-1]
         rows.append(
             {

@@ -165,28 +165,34 @@ def saes_row(
     lr: float | None = None,
     still_improving: float | None = None,
     undertrained: bool | None = None,
+    data_seed: int | None = None,
+    train_seconds: float | None = None,
 ) -> pl.DataFrame:
     """The `saes` row of one SAE (train writes it for ours when it saves one; eval for external SAEs)."""
     from actstore.model import hook_layer
 
+    layer = hook_layer(hook)
     return pl.DataFrame(
         [
             {
                 "model": model,
                 "hook": hook,
-                "layer": hook_layer(hook),
+                "layer": layer,
                 "n_layers": n_layers,
+                "depth": layer / n_layers if layer is not None and n_layers else None,
                 "d_model": d_model,
                 "d_sae": d_sae,
                 "k": k,
                 "expansion": expansion,
                 "train_tokens": train_tokens,
                 "seed": seed,
+                "data_seed": data_seed,
                 "architecture": architecture,
                 "path": path,
                 "lr": lr,
                 "still_improving": still_improving,
                 "undertrained": undertrained,
+                "train_seconds": train_seconds,
             }
         ],
         schema=polars_schema("saes"),

@@ -82,17 +82,20 @@ TABLES: dict[str, Table] = {
             hook VARCHAR TransformerLens hook name
             layer INTEGER block of the hook (-1 before the first block, NULL after the last)
             n_layers INTEGER blocks of the model
+            depth DOUBLE relative depth layer / n_layers: what cross-model queries match on
             d_model INTEGER width of the hook's activations (the SAE's d_in)
             d_sae INTEGER latents
             k INTEGER active latents per token (TopK; NULL for other architectures)
             expansion INTEGER d_sae / d_model
             train_tokens BIGINT tokens the SAE was trained on
             seed INTEGER initialisation seed
+            data_seed INTEGER seed of the order the training data came in (NULL: not trained by actstore)
             architecture VARCHAR topk, relu or jumprelu
             path VARCHAR directory of the SAE's weights
             lr DOUBLE peak learning rate (NULL: not trained by actstore)
             still_improving DOUBLE relative drop of the batch FVU over the last tenth of the steps before the decay
             undertrained BOOLEAN still_improving above actstore's threshold: the curve was still falling steeply
+            train_seconds DOUBLE wall time of the SAE's own training steps (reads shared with a sweep excluded)
         """),
             "`actstore train` (our SAEs) or `actstore eval` (external ones)",
         ),
@@ -167,8 +170,10 @@ TABLES: dict[str, Table] = {
             _cols("""
             step INTEGER optimiser steps so far
             tokens BIGINT training tokens so far
+            seconds DOUBLE wall time of the SAE's own steps so far
             mse DOUBLE mean over the batch of ‖e‖²/d
-            nmse DOUBLE mean over the batch of ‖e‖²/‖x‖²
+            nmse DOUBLE normalised MSE Σ‖e‖² / Σ‖x − mean(x)‖² on the batch (a mean predictor scores 1)
+            nmse_uncentred DOUBLE mean over the batch of ‖e‖²/‖x‖² (not mean-centred: a zero predictor scores 1)
             explained_variance DOUBLE 1 − fvu
             fvu DOUBLE Σ‖e‖² / Σ‖x − mean(x)‖² on the batch
             l0 DOUBLE mean active latents per token
@@ -232,6 +237,20 @@ TABLES: dict[str, Table] = {
             top_share DOUBLE λ_max / Σλ
         """),
             "`actstore eval` or `actstore layers STORE --run RUN`",
+        ),
+        Table(
+            "positions",
+            "one row per (eval store, hook, position, dimension)",
+            "store_key",
+            _cols("""
+            store VARCHAR eval store (as given to eval, like the tokens table's)
+            hook VARCHAR hook name
+            pos SMALLINT position in the sequence
+            dim INTEGER activation dimension
+            n BIGINT evaluated tokens at pos
+            dev_sum DOUBLE Σ over those tokens of (x − μ)[dim], μ the tokens table's sst mean
+        """),
+            "`actstore eval EVAL_STORE --run RUN`",
         ),
         Table(
             "vocab",

@@ -13,7 +13,8 @@ from pathlib import Path
 
 EOT_ID = 256  # <|endoftext|>: separates documents, doubles as BOS when a BOS is asked for
 VOCAB_SIZE = 257
-TINY_DIR = Path(__file__).parent / "models" / "tiny"
+MODELS_DIR = Path(__file__).parent / "models"
+TINY_DIR = MODELS_DIR / "tiny"
 
 # Pythia's shape at a toy size: rotary on a quarter of each head, parallel attention + MLP residual.
 TINY_CONFIG = dict(
@@ -31,6 +32,23 @@ TINY_CONFIG = dict(
     hidden_act="gelu",
     layer_norm_eps=1e-5,
 )
+
+
+# The second shipped model: twice as deep, 1.5x as wide. Its 12 layers put layers 2, 6 and 10 at exactly
+# the relative depths 1/6, 3/6, 5/6 of tiny's layers 1, 3, 5 -- the shape of a Pythia-70M vs 410M comparison.
+TINY_192_CONFIG = {
+    **TINY_CONFIG,
+    "hidden_size": 192,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 6,
+    "intermediate_size": 768,
+}
+
+# Name -> (config, directory) of each model shipped inside the package; `--model NAME` loads them.
+SHIPPED_MODELS = {
+    "tiny": (TINY_CONFIG, TINY_DIR),
+    "tiny-192": (TINY_192_CONFIG, MODELS_DIR / "tiny-192"),
+}
 
 
 def _byte_to_char() -> dict[int, str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import time
+
 import torch
 
 from actstore.metrics import EPS
@@ -105,6 +107,7 @@ class Trainee:
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.seen, self.step, self.curves = 0, 0, []
+        self.seconds = 0.0  # wall time spent in this SAE's own steps (a sweep's shared reads excluded)
         self.fvu_steps: list[float] = []  # every step's batch FVU: the convergence measure reads it
         self.var_per_token: torch.Tensor | None = None
 
@@ -113,6 +116,7 @@ class Trainee:
         return self.seen >= self.spec.tokens
 
     def train_step(self, batch: torch.Tensor) -> float:
+        start = time.perf_counter()
         x = batch[: self.spec.tokens - self.seen]
         lr = lr_at(self.seen, self.spec.tokens, self.peak_lr, self.o)
         for group in self.opt.param_groups:
@@ -144,14 +148,18 @@ class Trainee:
             self.since_fired[fired > 0] = 0
             self.seen += len(x)
             self.step += 1
+            self.seconds += time.perf_counter() - start
             if self.step % self.o.log_every == 0 or self.done:
                 err = (x - out.recon).pow(2).sum(1)
+                centred = (x - x.mean(0)).pow(2).sum()
                 self.curves.append(
                     {
                         "step": self.step,
                         "tokens": self.seen,
+                        "seconds": self.seconds,
                         "mse": float(err.mean() / x.shape[1]),
-                        "nmse": float((err / x.pow(2).sum(1).clamp_min(EPS)).mean()),
+                        "nmse": float(err.sum() / centred.clamp_min(EPS)),
+                        "nmse_uncentred": float((err / x.pow(2).sum(1).clamp_min(EPS)).mean()),
                         "explained_variance": 1 - fvu,
                         "fvu": fvu,
                         "l0": float((out.top_acts > 0).sum(1).float().mean()),
@@ -178,6 +186,7 @@ class Trainee:
             "curves": self.curves,
             "fvu_steps": self.fvu_steps,
             "var_per_token": self.var_per_token,
+            "seconds": self.seconds,
         }
 
     def load_state(self, s: dict[str, Any]) -> None:
@@ -188,6 +197,7 @@ class Trainee:
         self.seen, self.step, self.curves = s["seen"], s["step"], s["curves"]
         self.fvu_steps = list(s["fvu_steps"])
         self.var_per_token = s.get("var_per_token")
+        self.seconds = s.get("seconds", 0.0)
 
 
 def _fused_adam_ok(device: str) -> bool:

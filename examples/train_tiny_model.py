@@ -1,6 +1,7 @@
-"""Train the tiny model that `--model tiny` loads: a 6-layer GPT-NeoX over bytes, on the builtin corpus.
+"""Train a shipped model (`--model tiny` or `tiny-192`): a GPT-NeoX over bytes, on the builtin corpus.
 
-    python examples/train_tiny_model.py [--steps 1100] [--out actstore/models/tiny]
+    python examples/train_tiny_model.py [--model tiny] [--steps 1100] [--out actstore/models/tiny]
+    python examples/train_tiny_model.py --model tiny-192 --fp16      # the 12-layer, 192-wide one
 
 Reads the builtin corpus's train split, trains with AdamW (warm-up, cosine decay, bf16 autocast on the
 CPU), then measures cross-entropy on the eval split against the corpus's unigram byte entropy and
@@ -20,7 +21,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from actstore.corpus import CorpusOptions, token_sequences
-from actstore.tiny import TINY_CONFIG, TINY_DIR, VOCAB_SIZE, byte_tokenizer
+from actstore.tiny import SHIPPED_MODELS, VOCAB_SIZE, byte_tokenizer
 
 
 def batches(split: str, seq_len: int, batch: int):
@@ -53,11 +54,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", type=Path, default=TINY_DIR)
+    ap.add_argument("--model", choices=sorted(SHIPPED_MODELS), default="tiny", help="which shipped shape to train")
+    ap.add_argument("--out", type=Path, help="where to write it (default: the package's directory for --model)")
+    ap.add_argument("--fp16", action="store_true", help="store the weights in float16 (halves the file)")
     args = ap.parse_args()
+    config, default_out = SHIPPED_MODELS[args.model]
+    args.out = args.out or default_out
 
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**TINY_CONFIG))
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**config))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
 
@@ -90,9 +95,13 @@ def main() -> None:
         "unigram_entropy_nats": round(unigram, 4),
         "unigram_bits_per_byte": round(unigram / math.log(2), 4),
         "seconds": round(time.time() - t0, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_dtype": "float16" if args.fp16 else "float32",
     }
     print(json.dumps(summary))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.fp16:
+        model = model.half()
     model.save_pretrained(args.out, safe_serialization=True)
     byte_tokenizer().save_pretrained(args.out)
     (args.out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -92,6 +92,21 @@ def test_r2_from_the_records_matches_numpy_on_the_stored_arrays(evaluated):
         assert row["r2"] == pytest.approx(r2, abs=2e-3)  # recon is stored in float16
 
 
+def test_a_position_filter_centres_sst_on_the_selected_positions_mean(evaluated):
+    """min_pos = 1 drops position 0: SST is Σ‖x − μ_sel‖² over the rest, μ_sel their own mean (numpy)."""
+    store, run = evaluated
+    g = zarr.open_group(store, mode="r")
+    for row in query(run, "summary", n_boot=10, min_pos=1).iter_rows(named=True):
+        x = g[f"acts/{row['hook']}"][:, 1:].astype(np.float64).reshape(-1, 128)
+        xh = g[f"recon/{row['sae_id']}/{row['hook']}"][:, 1:].astype(np.float64).reshape(-1, 128)
+        sst = ((x - x.mean(0)) ** 2).sum()
+        assert row["r2"] == pytest.approx(1 - ((x - xh) ** 2).sum() / sst, abs=2e-3)  # recon is stored in float16
+        everywhere = g[f"acts/{row['hook']}"][:].astype(np.float64).reshape(-1, 128)
+        uncorrected = ((x - everywhere.mean(0)) ** 2).sum()  # = sst + n‖μ_sel − μ‖²
+        ours = row["sst_per_token"] * len(x)
+        assert abs(ours - sst) < 0.05 * (uncorrected - sst)  # the correction itself, not only a rounding of it
+
+
 def test_baselines_have_the_saes_error_norm_and_cosine():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(500, 16) * 3

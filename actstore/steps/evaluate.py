@@ -21,7 +21,7 @@ from actstore import __version__
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import StoreError, UsageError
-from actstore.geometry import moments
+from actstore.geometry import moments, position_rows
 from actstore.metrics import activation_metrics, baselines, rate_and_latents
 from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
@@ -87,13 +87,15 @@ def evaluate(
     done = []
     for hook in dict.fromkeys(s.hook for s in saes):
         hook_saes = [s.to(options.device) for s in saes if s.hook == hook]
-        mu = torch.from_numpy(stats[hook][0]).float().to(options.device)
+        mu = torch.from_numpy(stats[hook].mean).float().to(options.device)
         frames = _evaluate_hook(group, eval_store, model, hook, hook_saes, n_seq, options, progress, mu)
         for s in hook_saes:
             if s.sae_id not in known_ids:  # an external SAE: train wrote no row for it
                 frames[s.sae_id]["saes"] = _saes_row(s, group)
             rundir.write_tables(run, s.sae_id, frames[s.sae_id])
             done.append(s.sae_id)
+        positions = position_rows(str(eval_store), hook, stats[hook], n_seq)
+        rundir.write_tables(run, rundir.hash_key(f"{eval_store}\n{hook}"), {"positions": positions})
     write_layers(eval_store, run, max_seqs=n_seq, known=stats)  # the geometry of every hook of the eval store
     _write_vocab(run, model, model_name, st.read_tokens(group, slice(0, n_seq)))
     return done

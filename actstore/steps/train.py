@@ -3,7 +3,8 @@
 The loop, per hook: read a batch once; for each SAE still within its token budget, one Adam step on
 it. Token budgets share the stream's prefix and each SAE's learning-rate schedule is laid over its own
 budget, so the 1M-token SAE of a {1M, 5M} sweep is exactly the SAE a separate 1M run would give, at
-no extra read. Seeds change the initialisation only; the data order belongs to the run (`data_seed`).
+no extra read. Seeds change the initialisation only and the data order belongs to the run (`data_seed`), unless
+`seed_data` gives every seed its own order (real repeats; one pass per seed).
 A checkpoint (all SAEs, optimisers, dead-latent counters, curves and the stream position) is written
 aside and renamed into place every `checkpoint_seconds`; the same command resumes from it.
 """
@@ -14,7 +15,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,13 @@ class TrainOptions:
     )
     low_precision: bool = option(False, "Run the encoder matmul in bfloat16.", flag="--bf16/--no-bf16")
     drop_bos: bool = option(False, "Leave position 0 of every sequence out of training.", flag="--drop-bos/--keep-bos")
-    data_seed: int = option(0, "Seed of the data order (shared by every SAE of the run).")
+    data_seed: int = option(0, "Seed of the data order (shared by every SAE of the run unless --seed-data).")
+    seed_data: bool = option(
+        False,
+        "Each seed also draws its own data order (data seed = --data-seed + seed): repeats that vary both, as "
+        "study 002's do. Costs one data pass per seed instead of one per hook.",
+        flag="--seed-data/--shared-data",
+    )
     log_every: int = option(10, "Steps between two rows of the training curves.", cli=False)
     checkpoint_seconds: float = option(120.0, "Write a resumable checkpoint this often.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
@@ -173,7 +180,13 @@ def train(
     _check_run(run, store, group)
     done = []
     for hook in dict.fromkeys(s.hook for s in specs):
-        done += _train_hook(store, group, run, [s for s in specs if s.hook == hook], options, progress)
+        members = [s for s in specs if s.hook == hook]
+        if not options.seed_data:
+            done += _train_hook(store, group, run, members, options, progress)
+            continue
+        for seed in dict.fromkeys(s.seed for s in members):  # one data pass per seed, each in its own order
+            o = replace(options, data_seed=options.data_seed + seed)
+            done += _train_hook(store, group, run, [s for s in members if s.seed == seed], o, progress)
     return done
 
 
@@ -309,6 +322,8 @@ def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_
         lr=t.peak_lr,
         still_improving=t.still_improving(),
         undertrained=_undertrained(t),
+        data_seed=o.data_seed,
+        train_seconds=t.seconds,
     )
     rundir.write_tables(run, spec.sae_id, {"curves": pl.DataFrame(t.curves), "saes": row})
     context = int(attrs.get("seq_len", 0))
@@ -338,6 +353,8 @@ def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_
             "low_precision": o.low_precision,
             "batch_size": o.batch_size,
             "steps": t.step,
+            "data_seed": o.data_seed,
+            "seconds": round(t.seconds, 3),
             "settings": settings(store, o),
         },
     }
