@@ -33,7 +33,8 @@ class Metric(NamedTuple):
 
 CURVE_METRICS = [
     Metric(column="mse", label="MSE", log=True),
-    Metric(column="nmse", label="normalized MSE", log=True),
+    Metric(column="nmse", label="normalised MSE (mean-centred)", log=True),
+    Metric(column="nmse_uncentred", label="MSE / ‖x‖² (not centred)", log=True),
     Metric(column="explained_variance", label="explained variance", log=False),
     Metric(column="l0", label="L0", log=False),
     Metric(column="dead_frac", label="dead fraction", log=False),

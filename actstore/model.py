@@ -1,7 +1,7 @@
 """Loading a model through TransformerLens's TransformerBridge, and naming its hookpoints.
 
 Why one module: every step that runs a model (harvest now, eval later) must agree on what `--model`
-means — `tiny` (shipped in the package), a local Hugging Face model directory, or a hub name — and on
+means — a shipped model (`tiny`, `tiny-192`: in the package), a local Hugging Face model directory, or a hub name — and on
 the canonical TransformerLens hook names (`blocks.{L}.hook_resid_post`, …) the store is keyed by.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from actstore.errors import UsageError
-from actstore.tiny import TINY_DIR
+from actstore.tiny import SHIPPED_MODELS
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
@@ -27,7 +27,7 @@ class LoadedModel:
 
     bridge: Any
     name: str
-    source: str  # "tiny", "local" or "hub"
+    source: str  # "shipped", "local" or "hub"
     device: str
     compute_dtype: str
     _per_token_hooks: list[str] | None = None
@@ -68,7 +68,7 @@ def check_runtime(device: str, compute_dtype: str) -> None:
 
 
 def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -> LoadedModel:
-    """Boot `tiny`, a local HF directory or a hub name through TransformerBridge, in eval mode."""
+    """Boot a shipped model (`tiny`, `tiny-192`), a local HF directory or a hub name through TransformerBridge, in eval mode."""
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -80,10 +80,13 @@ def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -
     if compute_dtype not in COMPUTE_DTYPES:
         raise UsageError(f"unknown compute dtype {compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     device = resolve_device(device)
-    if name == "tiny":
-        if not (TINY_DIR / "model.safetensors").exists():
-            raise UsageError(f"the tiny model's weights are missing from {TINY_DIR}; run examples/train_tiny_model.py")
-        target, source = str(TINY_DIR), "tiny"
+    if name in SHIPPED_MODELS:
+        shipped = SHIPPED_MODELS[name][1]
+        if not (shipped / "model.safetensors").exists():
+            raise UsageError(
+                f"the {name} model's weights are missing from {shipped}; run examples/train_tiny_model.py --model {name}"
+            )
+        target, source = str(shipped), "shipped"
     elif Path(name).expanduser().is_dir():
         target, source = str(Path(name).expanduser().resolve()), "local"
         if not (Path(target) / "config.json").exists():
@@ -95,7 +98,7 @@ def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -
     except Exception as exc:  # HF raises many types (OSError, ValueError, HTTP errors) for an unknown model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"could not load model {name!r} ({first[:160]}); give 'tiny', a local Hugging Face model "
+            f"could not load model {name!r} ({first[:160]}); give {' or '.join(map(repr, SHIPPED_MODELS))}, a local Hugging Face model "
             "directory, or a hub name that is cached or reachable"
         ) from exc
     bridge.eval()

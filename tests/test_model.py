@@ -14,7 +14,7 @@ import torch
 from actstore.corpus import CorpusOptions, token_sequences
 from actstore.errors import UsageError
 from actstore.model import check_hooks, hook_layer, load_model, stop_layer
-from actstore.tiny import TINY_DIR, VOCAB_SIZE
+from actstore.tiny import SHIPPED_MODELS, TINY_DIR, VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,30 @@ def test_tiny_predicts_held_out_text_far_better_than_byte_frequencies(tiny):
     p = counts[counts > 0] / counts.sum()
     unigram = float(-(p * np.log(p)).sum())
     assert ce < 0.35 * unigram, (ce / math.log(2), unigram / math.log(2))
+
+
+def _heldout_ce(loaded, n_seqs: int = 16) -> float:
+    opts = CorpusOptions(corpus="builtin", split="eval", seq_len=128)
+    tokens = next(token_sequences(opts, loaded.tokenizer, batch_seqs=n_seqs))
+    x = torch.from_numpy(tokens.astype(np.int64))
+    with torch.inference_mode():
+        logits = loaded.bridge(x).float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+
+
+def test_tiny_192_is_deeper_wider_within_12_mb_and_predicts_better_than_tiny(tiny):
+    """The second shipped model: 12 layers (tiny's depths 1/6, 3/6, 5/6 are its layers 2, 6, 10), wider,
+    fp16 weights under 12 MB, and a lower held-out CE than tiny's on the same text."""
+    import json
+
+    big = load_model("tiny-192")
+    assert big.source == "shipped" and big.n_layers == 2 * tiny.n_layers
+    assert big.bridge.cfg.d_model > tiny.bridge.cfg.d_model
+    directory = SHIPPED_MODELS["tiny-192"][1]
+    assert (directory / "model.safetensors").stat().st_size <= 12 * 2**20
+    assert _heldout_ce(big) < _heldout_ce(tiny)
+    trained = json.loads((directory / "training.json").read_text())
+    assert trained["heldout_ce_nats"] < json.loads((TINY_DIR / "training.json").read_text())["heldout_ce_nats"]
 
 
 def test_a_local_hf_directory_loads_like_tiny(tiny):

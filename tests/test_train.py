@@ -174,7 +174,9 @@ def test_outputs_config_curves_and_fire_counts(dict_store, tmp_path):
         "step",
         "tokens",
         "mse",
+        "seconds",
         "nmse",
+        "nmse_uncentred",
         "explained_variance",
         "l0",
         "dead_frac",
@@ -197,6 +199,15 @@ def test_outputs_config_curves_and_fire_counts(dict_store, tmp_path):
     assert last["fvu"] == pytest.approx(_np_fvu(w, _store_rows(path), 4), abs=0.05)
     assert last["explained_variance"] == pytest.approx(1 - last["fvu"], abs=1e-6)
     assert curves.sort("step")["fvu"][0] > last["fvu"]  # it learned
+    # normalised MSE (study 003): mean-centred, so a mean predictor scores 1; the ‖x‖² one kept beside it
+    x = batches[-1].double().numpy()
+    err = ((x - _np_recon(w, x, 4)) ** 2).sum(1)
+    assert last["nmse"] == pytest.approx(err.sum() / ((x - x.mean(0)) ** 2).sum(), rel=0.02)
+    assert last["nmse_uncentred"] == pytest.approx((err / (x**2).sum(1)).mean(), rel=0.05)
+    assert last["nmse"] > last["nmse_uncentred"]  # x is far from 0 here: centring matters
+    assert (curves.sort("step")["seconds"].diff().drop_nulls() > 0).all()
+    row = read_table(tmp_path / "run", "saes").row(0, named=True)
+    assert row["train_seconds"] == pytest.approx(last["seconds"]) and row["data_seed"] == 0
 
 
 def _train_cmd(store: str, run: str) -> list[str]:
@@ -300,6 +311,26 @@ def test_a_one_row_tail_does_not_blow_up_the_fvu(dict_store, tmp_path):
     assert _np_fvu(w, _store_rows(path), 4) < 0.8  # and the SAE itself beats the mean predictor
 
 
+def test_seed_data_gives_each_seed_its_own_data_order_and_records_it(dict_store, tmp_path):
+    """--seed-data: seed s reads the stream of data seed data_seed + s (so repeats vary data and init);
+    its SAE equals a shared-order run with --data-seed data_seed + s, and saes.data_seed says which."""
+    path, _ = dict_store
+    o = TrainOptions(batch_size=1000, seed_data=True, data_seed=3)
+    train(path, str(tmp_path / "rep"), sweep([HOOK], [4], [2], [6_000], [0, 1]), o)
+    train(path, str(tmp_path / "alone"), sweep([HOOK], [4], [2], [6_000], [1]), TrainOptions(batch_size=1000, data_seed=4))
+    name = f"{HOOK}__k4_x2_6k_s1"
+    a = load_file(str(tmp_path / "rep/saes" / name / "sae_weights.safetensors"))
+    b = load_file(str(tmp_path / "alone/saes" / name / "sae_weights.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    saes = read_table(tmp_path / "rep", "saes").sort("seed")
+    assert saes["data_seed"].to_list() == [3, 4]
+    shared = TrainOptions(batch_size=1000, data_seed=3)
+    train(path, str(tmp_path / "shared"), sweep([HOOK], [4], [2], [6_000], [1]), shared)
+    c = load_file(str(tmp_path / "shared/saes" / name / "sae_weights.safetensors"))
+    assert not torch.equal(a["W_dec"], c["W_dec"])  # same seed, other data order
+
+
 def test_the_saes_rows_describe_every_sae_of_a_sweep(small_store, tmp_path):
     import zarr
 
@@ -322,6 +353,7 @@ def test_the_saes_rows_describe_every_sae_of_a_sweep(small_store, tmp_path):
         assert row["model"] == "tiny" and row["architecture"] == "topk", row
         assert row["hook"] == spec.hook and row["layer"] == int(spec.hook.split(".")[1]), row
         assert row["n_layers"] == config["num_hidden_layers"], row
+        assert row["depth"] == pytest.approx(row["layer"] / row["n_layers"]), row
         assert (row["k"], row["expansion"], row["seed"]) == (spec.k, spec.expansion, spec.seed), row
         assert (row["d_model"], row["d_sae"]) == (d_model, spec.expansion * d_model), row
         assert row["train_tokens"] == spec.tokens, row

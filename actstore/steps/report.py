@@ -58,8 +58,25 @@ TABLES = [  # the first comes before the figures: the numbers a reader looks for
         query="lr_sweep",
         shape=lambda df: df.drop("sae_id", "model"),
     ),
-    TableSpec(title="Does R² go with CE_rec across the sweep?", query="corr_r2_ce"),
-    TableSpec(title="k*: the smallest k reaching a CE_rec target", query="kstar"),
+    TableSpec(
+        title="Training (study 003's report): steps, wall time, final MSE, normalised MSE (mean-centred and not), L0, dead",
+        query="training",
+        shape=lambda df: df.drop("model", "d_model", "d_sae", "expansion", "seed", "hook"),
+    ),
+    TableSpec(
+        title="Δ = larger − smaller model at matched relative depth (study 000), 95% CIs over sequences",
+        query="delta",
+        shape=lambda df: analytics.with_intervals(
+            df.select("depth", "layer_a", "layer_b", "k", "matched", "seed", "d_r2", "d_r2_lo", "d_r2_hi",
+                      "d_ce_rec", "d_ce_rec_lo", "d_ce_rec_hi", "cohens_d", "mismatch", "mismatch_rate")
+        ),
+    ),  # fmt: skip
+    TableSpec(title="Does R² go with CE_rec across the sweep and across models, per depth?", query="corr_r2_ce"),
+    TableSpec(title="k*: the smallest k reaching a CE_rec target, larger model over smaller", query="kstar"),
+    TableSpec(
+        title="Token budgets (study 002): Δ between models over repeats, 95% t-intervals, mismatch rate",
+        query="budget_sweep",
+    ),
     TableSpec(
         title="Dark matter: the share of the SAE error a linear map of x predicts",
         query="darkmatter",
