@@ -3,7 +3,7 @@
 Why one owner: train, eval, darkmatter, layers, report and bundle all read and write the same directory,
 and a collaborator's tools read it too. The layout:
 
-    RUN/run.json                                  the store and model the run belongs to
+    RUN/run.json                                  the train stores (and their models) the run's SAEs came from
     RUN/saes/<sae_id>/                            cfg.json, sae_weights.safetensors, fire_counts.safetensors
     RUN/checkpoints/<hook>.pt                     a sweep in progress (train)
     RUN/darkmatter/<sae_id>/probe.safetensors     the linear error probe (darkmatter)
@@ -80,8 +80,10 @@ def trained_sae_dirs(run: str | Path) -> list[Path]:
     return sorted(p.parent for p in saes_dir(run).glob("*/cfg.json") if not atomic.is_staging(p.parent.name))
 
 
-def checkpoint_path(run: str | Path, hook: str) -> Path:
-    return Path(run) / "checkpoints" / f"{hook}.pt"
+def checkpoint_path(run: str | Path, hook: str, store: str = "") -> Path:
+    """One checkpoint per (train store, hook): two models' sweeps at one hook name never share it."""
+    suffix = f".{hash_key(str(store))}" if store else ""
+    return Path(run) / "checkpoints" / f"{hook}{suffix}.pt"
 
 
 def probe_path(run: str | Path, sae_id: str) -> Path:

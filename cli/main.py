@@ -199,12 +199,13 @@ def sql_(
         click.echo(analytics.render(df, fmt).rstrip("\n"))
 
 
-@main.command(short_help="Run the whole pipeline on the shipped tiny model (what `make demo` runs).")
+@main.command(short_help="Run the whole pipeline on the two shipped models (what `make demo` runs).")
 @click.option("--out", default="demo", show_default=True, help="Directory for the demo's stores and outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: str, quiet: bool) -> None:
-    """The whole pipeline on the shipped tiny model: harvest, train, eval, dark matter, the summary tables,
-    report and bundle; re-running resumes."""
+    """The whole pipeline on the two shipped models (tiny and tiny-192 at matched depths): harvest, train a
+    k sweep and a budget sweep with repeats, eval, dark matter, the studies' tables, report and bundle;
+    re-running resumes."""
     from actstore.steps.demo import demo as run
 
     run(out, progress=not quiet)

@@ -6,6 +6,7 @@
 --   models (and seeds) at that k from both (docs/METHODS.md), so what k drives is taken out and what scale
 --   does remains; n = 2 models × 6 k in study 000. NULL with one SAE per k.
 SET VARIABLE depth_tol = coalesce(getvariable('depth_tol'), 0.01);  -- how close two depths must be to pool
+SET VARIABLE train_tokens = coalesce(getvariable('train_tokens'), NULL);  -- only SAEs of this token budget (NULL: all)
 SET VARIABLE ce_unit = coalesce(getvariable('ce_unit'), 'pooled');  -- CE_rec pooled over tokens, or 'seq': mean of per-sequence CE_rec
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted
@@ -29,7 +30,7 @@ stats AS (
     FROM sae_stats(getvariable('min_pos'), getvariable('max_pos'), 0, 0, 0) AS t
     JOIN saes AS s USING (sae_id)
     JOIN grouped AS g ON g.model = s.model AND g.hook = s.hook
-    WHERE t.b = -1
+    WHERE t.b = -1 AND (getvariable('train_tokens') IS NULL OR s.train_tokens = getvariable('train_tokens'))
 ),
 centred AS (
     SELECT *, r2 - avg(r2) OVER (PARTITION BY depth, k) AS r2_c,

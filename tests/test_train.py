@@ -361,14 +361,18 @@ def test_the_saes_rows_describe_every_sae_of_a_sweep(small_store, tmp_path):
         assert curves.filter(pl.col("sae_id") == spec.sae_id)["tokens"].max() == spec.tokens
 
 
-def test_resuming_a_run_on_another_models_store_is_refused(dict_store, tmp_path):
+def test_a_second_model_joins_a_run_but_never_under_another_models_sae_id(dict_store, tmp_path):
     path, _ = dict_store
     run = str(tmp_path / "run")
     train(path, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000))
     x, _ = sparse_dictionary_data(8 * 64, d=32, n_atoms=64, k=3)
     other = write_store(str(tmp_path / "other.zarr"), x.reshape(8, 64, 32), model="another-model")
-    with pytest.raises(UsageError, match="holds SAEs of model 'synthetic'"):
-        train(other, run, [SAESpec(HOOK, 4, 2, 2_000, 1)], TrainOptions(batch_size=1000))
+    with pytest.raises(UsageError, match="is an SAE of model 'synthetic'.*another --out"):
+        train(other, run, [SAESpec(HOOK, 4, 2, 2_000, 0)], TrainOptions(batch_size=1000))
+    train(other, run, [SAESpec(HOOK, 4, 2, 2_000, 1)], TrainOptions(batch_size=1000))
+    assert sorted(read_table(run, "saes")["model"]) == ["another-model", "synthetic"]
+    stores = json.loads((Path(run) / "run.json").read_text())["stores"]
+    assert [s["model"] for s in stores] == ["synthetic", "another-model"]
 
 
 def test_an_lr_sweep_trains_every_rate_in_one_pass_and_each_equals_a_separate_run(dict_store, tmp_path):

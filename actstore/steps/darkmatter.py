@@ -101,12 +101,16 @@ def darkmatter(
     *,
     progress: bool = False,
     loaded: LoadedModel | None = None,
+    only: set[str] | None = None,
 ) -> pl.DataFrame:
-    """Fit the probes of every evaluated SAE of RUN and patch their parts; returns the `darkmatter` rows."""
+    """Fit the probes of every evaluated SAE of RUN (or of the sae_ids in `only`) and patch their parts;
+    returns the `darkmatter` rows."""
     saes, evals = rundir.read_table(run, "saes"), rundir.read_table(run, "evals")
     if saes.is_empty() or evals.is_empty():
         raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")
     evaluated = saes.join(evals.select("sae_id", "store", "n_seq", "patch_pos"), on="sae_id").sort("sae_id")
+    if only is not None:
+        evaluated = evaluated.filter(pl.col("sae_id").is_in(sorted(only)))
     models: dict[str, LoadedModel] = {}
     rows = []
     for sae in evaluated.iter_rows(named=True):

@@ -1,122 +1,162 @@
-"""`actstore demo`: the main job end to end on the shipped tiny model, small enough for 2 CPU cores.
+"""`actstore demo`: the main job end to end on the two shipped models, small enough for 2 CPU cores.
 
-Harvests a train store and a disjoint eval store (document-level split) at an early, a mid and a late
-residual stream of the tiny model, prints `actstore info` for both, then trains a TopK sweep
-(k ∈ {8, 16, 32, 64}, 8× expansion, 1M tokens) on every hook — one data pass per hook — and prints each
-SAE's final FVU and dead fraction; then evaluates every SAE on the eval store once, fits the dark-matter
-probes and patches their parts on held-out sequences, and prints from DuckDB queries over the records:
-the summary with bootstrap CIs, the KL gap to ε-random, cross-SAE error predictability, dark matter and
-the participation ratio; finally writes the report and a bundle and prints their paths.
+The demo is study 000 and study 002 in miniature: `tiny` (6 layers, d 128) against `tiny-192` (12 layers,
+d 192) at three matched relative depths (1/6, 3/6, 5/6: tiny's layers 1, 3, 5 and tiny-192's 2, 6, 10).
+Per model it harvests a train store and a disjoint eval store, then trains in one run: a k sweep at every
+depth at the small budget (seed 0), and at mid depth, low k, both budgets with three seeds, each seed also
+drawing its own data order (real repeats). It evaluates every SAE on its model's eval store, fits the
+dark-matter probes of the k sweep, and prints from DuckDB queries: study 003's training summary, the
+summary with bootstrap CIs, study 000's mid-depth Δ table, its correlation and k* tables, study 002's
+budget table, the KL gap, dark matter and the participation ratio; then writes the report and a bundle.
+`Plan` and `build` are what `examples/` reuse with other models, hooks and budgets.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
 from actstore import run as rundir
-from actstore.analytics import format_table, headline, query
-from actstore.info import format_info, store_info
+from actstore import studies
+from actstore.analytics import format_table, query
+from actstore.run import SAESpec
 from actstore.steps.bundle import create
 from actstore.steps.darkmatter import darkmatter
 from actstore.steps.evaluate import EvalOptions, evaluate
 from actstore.steps.harvest import HarvestOptions, harvest
 from actstore.steps.report import report
-from actstore.steps.train import TrainOptions, summary, sweep, train
-
-DEMO_HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "blocks.5.hook_resid_post")
-DEMO_KS = (8, 16, 32, 64)
-EVAL_SEQS = 200  # 25.6k tokens: every SAE's records in about a minute on 2 cores
+from actstore.steps.train import TrainOptions, sweep, train
 
 
-def demo(
-    out: str = "demo", train_tokens: int = 1_000_000, eval_tokens: int = 200_000, progress: bool = True
-) -> dict[str, str]:
-    """Run the demo pipeline into `out`; re-running resumes or reuses what is already there."""
+@dataclass(frozen=True)
+class Plan:
+    """A two-model comparison: the hooks of each model at matched depths, the k sweep, budgets and repeats."""
+
+    models: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "tiny": tuple(f"blocks.{layer}.hook_resid_post" for layer in (1, 3, 5)),
+            "tiny-192": tuple(f"blocks.{layer}.hook_resid_post" for layer in (2, 6, 10)),
+        }
+    )
+    ks: tuple[int, ...] = (8, 16, 32)  # the k sweep at every depth (study 000)
+    budgets: tuple[int, ...] = (150_000, 450_000)  # the k sweep runs at the first; study 002's table at all
+    store_tokens: int = 300_000  # the train store; a budget beyond it loops over it (epochs)
+    budget_ks: tuple[int, ...] = (8, 16)  # the budget sweep's k, at the mid hook
+    seeds: tuple[int, ...] = (0, 1, 2)  # the budget sweep's repeats (the k sweep is seed 0)
+    mid: int = 1  # index in each model's hooks of the depth the budget sweep runs at
+    expansion: int = 4
+    corpus: str = "builtin"
+    seq_len: int = 128
+    eval_seqs: int = 64
+    kstar_targets: str = "0.8,0.9"
+
+    def specs(self, model: str) -> list[SAESpec]:
+        hooks = self.models[model]
+        main = sweep(list(hooks), list(self.ks), [self.expansion], [self.budgets[0]], [0])
+        repeats = sweep([hooks[self.mid]], list(self.budget_ks), [self.expansion], list(self.budgets), list(self.seeds))
+        return list(dict.fromkeys(main + repeats))
+
+    def train_options(self) -> TrainOptions:
+        return TrainOptions(seed_data=True)  # the default recipe; every seed its own data order
+
+
+def build(out: str, plan: Plan, progress: bool = True) -> str:
+    """Harvest, train and evaluate `plan` into `out`; returns the run. Re-running resumes and reuses:
+    finished stores and SAEs are kept, and SAEs already evaluated on their store are not evaluated again."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    stores = {"train": str(root / "train.zarr"), "eval": str(root / "eval.zarr")}
-    common = dict(model="tiny", corpus="builtin", hooks=DEMO_HOOKS, seq_len=128, batch_size=32)
-    for split, tokens in (("train", train_tokens), ("eval", eval_tokens)):
-        if progress:
-            print(f"== harvest {split} store: {tokens:,} tokens of the builtin corpus's {split} split", file=sys.stderr)
-        harvest(stores[split], HarvestOptions(split=split, tokens=tokens, **common), progress=progress)
-    for path in stores.values():
-        print(f"\n== actstore info {path}")
-        print(format_info(store_info(path)))
-
     run = str(root / "run")
-    if progress:
-        print(
-            f"\n== train: k in {DEMO_KS}, 8x expansion, {train_tokens:,} tokens, on {len(DEMO_HOOKS)} hooks",
-            file=sys.stderr,
-        )
-    specs = sweep(list(DEMO_HOOKS), list(DEMO_KS), [8], [train_tokens], [0])
-    train(stores["train"], run, specs, TrainOptions(), progress=progress)  # the default recipe, rate and all
-    print(f"\n== trained SAEs in {run}/saes (training curves in {run}/records/curves)")
-    print(f"{'sae_id':<48} {'lr':>8} {'FVU':>7} {'dead':>6} {'still improving':>16}")
-    for row in summary(run):
-        drop = "-" if row["still_improving"] is None else f"{row['still_improving']:.1%}"
-        print(f"{row['sae_id']:<48} {row['lr']:>8.2e} {row['fvu']:>7.4f} {row['dead_frac']:>6.3f} {drop:>16}")
+    say = _sayer(progress)
+    for model, hooks in plan.models.items():
+        slug = model.replace("/", "_")
+        stores = {"train": str(root / f"{slug}.train.zarr"), "eval": str(root / f"{slug}.eval.zarr")}
+        common = dict(model=model, corpus=plan.corpus, hooks=hooks, seq_len=plan.seq_len, batch_size=32)
+        for split, tokens in (("train", plan.store_tokens), ("eval", plan.eval_seqs * plan.seq_len)):
+            say(f"== harvest {model} {split} store: {tokens:,} tokens of the {plan.corpus} corpus's {split} split")
+            harvest(stores[split], HarvestOptions(split=split, tokens=tokens, **common), progress=progress)
+        specs = plan.specs(model)
+        say(f"== train {model}: {len(specs)} SAEs (k {plan.ks} at {len(hooks)} depths; budgets {plan.budgets} "
+            f"× seeds {plan.seeds} at {hooks[plan.mid]})")  # fmt: skip
+        train(stores["train"], run, specs, plan.train_options(), progress=progress)
+        todo = _not_evaluated(run, stores["eval"], [s.sae_id for s in specs])
+        if todo:
+            say(f"== eval {model}: {len(todo)} SAEs on the first {plan.eval_seqs} sequences of its eval store")
+            paths = [str(rundir.sae_dir(run, sae_id)) for sae_id in todo]
+            evaluate(stores["eval"], run, paths, EvalOptions(max_seqs=plan.eval_seqs), progress=progress)
+    return run
 
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
-    say(f"\n== eval: every SAE on the first {EVAL_SEQS} sequences of the eval store")
-    evaluate(stores["eval"], run, options=EvalOptions(max_seqs=EVAL_SEQS), progress=progress)
-    say("\n== dark matter: linear error probes, then x̂ + linear error and x̂ + nonlinear error patched in")
-    darkmatter(run, progress=progress)
 
-    print(f"\n== summary (sql/summary.sql over {run}/records): 95% CIs from 5,000 resamples of sequences")
-    print(format_table(headline(run)))
-    print("\n== KL gap to the eps-random baseline (sql/kl_gap.sql, baseline = eps)")
-    gap = query(run, "kl_gap").filter(pl.col("baseline") == "eps")
-    print(format_table(gap.select("hook", "k", "kl_sae", "kl_baseline", "gap", "ratio_p50", "share_sae_worse")))
-    print("\n== cross-SAE predictability of the per-token error norm: held-out R² (sql/cross_sae_predictability.sql)")
-    print(format_table(_pair_matrix(query(run, "cross_sae_predictability"))))
-    print("\n== dark matter (sql/darkmatter.sql) and the CE gap each part closes (sql/darkmatter_patch.sql)")
+def _sayer(progress: bool):
+    """Stage headers on stderr, each with the seconds since the process started (where the time goes)."""
+    def say(msg: str) -> None:
+        if progress:
+            print(f"{msg}   [{time.perf_counter() - _T0:.0f} s]", file=sys.stderr)
+
+    return say
+
+
+_T0 = time.perf_counter()
+
+
+def _not_evaluated(run: str, store: str, sae_ids: list[str]) -> list[str]:
+    evals = rundir.read_table(run, "evals")
+    done = set() if evals.is_empty() else set(evals.filter(pl.col("store") == store)["sae_id"])
+    return [s for s in sae_ids if s not in done]
+
+
+def demo(out: str = "demo", progress: bool = True, plan: Plan | None = None) -> dict[str, str]:
+    """Run the demo into `out` and print its tables; re-running resumes or reuses what is already there."""
+    plan = plan or Plan()
+    started = time.monotonic()
+    run = build(out, plan, progress)
+    say = _sayer(progress)
+    main_ids = {s.sae_id for m in plan.models for s in sweep(list(plan.models[m]), list(plan.ks), [plan.expansion], [plan.budgets[0]], [0])}
+    if rundir.read_table(run, "darkmatter").is_empty():
+        say("\n== dark matter of the k sweep: linear error probes, then x̂ + each part of the error patched in")
+        darkmatter(run, only=main_ids, progress=progress)
+    small, large = list(plan.models)
+    t1 = plan.budgets[0]
+
+    def show(title: str, df: pl.DataFrame) -> None:
+        say(f"query: {title.split(' (')[0]}")
+        print(f"\n== {title}")
+        print(format_table(df))
+
+    show(f"training (study 003; sql/training.sql): the k sweep at {t1:,} tokens, seed 0",
+         studies.training_table(run).filter(pl.col("train_tokens") == t1, pl.col("seed") == 0))  # fmt: skip
+    show(f"summary (sql/summary.sql) at {t1:,} tokens, seed 0: 95% CIs from 5,000 resamples of sequences",
+         studies.summary_table(run, t1))  # fmt: skip
+    show(f"study 000, mid depth (sql/delta.sql): Δ = {large} − {small} at {t1:,} tokens, seed 0, 95% CIs over sequences",
+         studies.delta_table(run, 0.5, t1))  # fmt: skip
+    show(f"study 000, corr(R², CE_rec) per depth (sql/corr_r2_ce.sql), both models pooled, {t1:,} tokens",
+         studies.corr_table(run, t1))  # fmt: skip
+    show(f"study 000, k* for CE_rec targets (sql/kstar.sql), {t1:,} tokens: ratio = k*({large}) / k*({small})",
+         studies.kstar_table(run, plan.kstar_targets, t1))  # fmt: skip
+    show(f"study 002, mid depth (sql/budget_sweep.sql): Δ = {large} − {small} over repeats (seed + data order)",
+         studies.budget_table(run, 0.5))  # fmt: skip
+    gap = query(run, "kl_gap").filter(pl.col("baseline") == "eps", pl.col("sae_id").is_in(main_ids))
+    show("KL gap to the eps-random baseline (sql/kl_gap.sql), the k sweep",
+         gap.select(pl.col("model").str.slice(0, 12), "hook", "k", "kl_sae", "kl_baseline", "gap", "share_sae_worse"))  # fmt: skip
     dm = query(run, "darkmatter").join(
         query(run, "darkmatter_patch").select("sae_id", "closed_linear", "closed_nonlinear"), on="sae_id"
     )
-    print(
-        format_table(
-            dm.select(
-                "hook",
-                "k",
-                "vector_r2",
-                "fvu",
-                "fvu_linear",
-                "fvu_nonlinear",
-                "norm_r2_err",
-                "closed_linear",
-                "closed_nonlinear",
-            )
-        )
-    )
-    print("\n== participation ratio of each hook (sql/layers.sql)")
-    print(format_table(query(run, "layers").select("hook", "d_model", "pr", "pr_deflated", "top_share")))
+    show("dark matter (sql/darkmatter.sql, sql/darkmatter_patch.sql), the k sweep",
+         dm.select("hook", "k", "vector_r2", "fvu", "fvu_linear", "fvu_nonlinear", "norm_r2_err", "closed_linear", "closed_nonlinear"))  # fmt: skip
+    show("participation ratio of each hook (sql/layers.sql)",
+         query(run, "layers").select(pl.col("model").str.slice(0, 12), "hook", "d_model", "pr", "pr_deflated", "top_share"))  # fmt: skip
 
     say("\n== report and bundle")
     report(run, progress=progress)
-    bundle = str(root / "bundle")
+    bundle = str(Path(out) / "bundle")
     create(run, bundle, overwrite=True)
     print("\n== outputs")
-    outputs = {**stores, "run": run, "report": str(rundir.report_dir(run) / "report.html"), "bundle": bundle}
+    outputs = {"run": run, "report": str(rundir.report_dir(run) / "report.html"), "bundle": bundle}
     for name, path in outputs.items():
         print(f"{name:<8} {path}")
-    print(f"\nnext: actstore sql {run} --list   ·   actstore bundle verify {bundle}")
+    print(f"\nnext: actstore sql {run} --list   ·   actstore sql {run} --query delta   ·   actstore bundle verify {bundle}")
+    say(f"demo finished in {time.monotonic() - started:.0f} s")
     return outputs
-
-
-def _pair_matrix(pairs: pl.DataFrame) -> pl.DataFrame:
-    """The pairs table as a matrix: row = the predicting SAE, column = the predicted one, "L<layer> k<k>"."""
-
-    def label(layer: pl.Expr, k: pl.Expr) -> pl.Expr:
-        return pl.concat_str(pl.lit("L"), layer.cast(pl.String), pl.lit(" k"), k.cast(pl.String))
-
-    named = pairs.with_columns(
-        label(pl.col("layer_i"), pl.col("k_i")).alias("from"), label(pl.col("layer_j"), pl.col("k_j")).alias("to")
-    )
-    order = named.unique("from", maintain_order=True)["from"].to_list()
-    matrix = named.pivot(on="to", index="from", values="heldout_r2", sort_columns=False)
-    return matrix.select("from", *[c for c in order if c in matrix.columns])

@@ -69,7 +69,8 @@ def evaluate(
         raise StoreError(
             f"{eval_store} is incomplete ({st.committed(group)} of {n_store} sequences); finish its harvest first"
         )
-    saes = load_saes(run, sae_paths)
+    model_name = group.attrs.get("model", {}).get("name")
+    saes = load_saes(run, sae_paths, model_name)
     hooks = st.hooks_of(group)
     for s in saes:
         d = int(st.acts_array(group, s.hook, eval_store, who=f"SAE {s.sae_id}").shape[2])
@@ -78,7 +79,6 @@ def evaluate(
     seq_len = int(group["tokens"].shape[1])
     if options.patch_pos is not None and options.patch_pos >= seq_len:
         raise UsageError(f"--patch-pos {options.patch_pos} is outside the sequence (0…{seq_len - 1})")
-    model_name = group.attrs.get("model", {}).get("name")
     model = loaded or load_model(model_name, options.device, options.compute_dtype)
     n_seq = min(n_store, options.max_seqs or n_store)
     stats = {h: moments(group, h, n_seq) for h in hooks}  # μ for sst, and the layers table's covariance
@@ -101,12 +101,20 @@ def evaluate(
     return done
 
 
-def load_saes(run: str, sae_paths: list[str] | None) -> list[EvalSAE]:
-    """The SAEs to evaluate: those given, else every trained SAE of the run."""
+def load_saes(run: str, sae_paths: list[str] | None, model: str | None = None) -> list[EvalSAE]:
+    """The SAEs to evaluate: those given, else every trained SAE of the run of the eval store's model
+    (a run may hold several models' SAEs; each is evaluated on its own model's store)."""
     paths = sae_paths or [str(p) for p in rundir.trained_sae_dirs(run)]
     if not paths:
         raise UsageError(f"no SAEs in {run}/saes and none given with --sae; train some with `actstore train`")
-    return [load_eval_sae(p) for p in paths]
+    saes = [load_eval_sae(p) for p in paths]
+    if sae_paths or model is None:
+        return saes
+    mine = [s for s in saes if s.cfg.get("model_name") in (None, model)]
+    if not mine:
+        others = sorted({str(s.cfg.get("model_name")) for s in saes})
+        raise UsageError(f"{run} has no SAEs of model {model!r} (the eval store's); it has SAEs of: {', '.join(others)}")
+    return mine
 
 
 def _saes_row(s: EvalSAE, group: Any) -> pl.DataFrame:

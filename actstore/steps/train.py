@@ -177,7 +177,7 @@ def train(
                 f"k = {spec.k} must be between 1 and d_sae - 1 = {d_in * spec.expansion - 1} "
                 f"(d_in {d_in} × expansion {spec.expansion}); lower --k or raise --expansion"
             )
-    _check_run(run, store, group)
+    _check_run(run, store, group, specs)
     done = []
     for hook in dict.fromkeys(s.hook for s in specs):
         members = [s for s in specs if s.hook == hook]
@@ -190,27 +190,36 @@ def train(
     return done
 
 
-def _check_run(run: Path, store: str, group: Any) -> None:
-    """A run directory belongs to one store's model; refuse to resume it on another model's store."""
+def _check_run(run: Path, store: str, group: Any, specs: list[SAESpec]) -> None:
+    """A run may hold SAEs of several models (what cross-model queries compare), each SAE of one model:
+    refuse an SAE whose id already names another model's SAE here. run.json lists the run's stores."""
     manifest = rundir.run_json(run)
     model = group.attrs.get("model", {}).get("name")
     if run.exists() and not run.is_dir():
         raise UsageError(f"--out {run} exists and is a file; give a directory for the run")
+    prior: dict[str, Any] = {}
     if manifest.exists():
         try:
             prior = json.loads(manifest.read_text())
         except ValueError:
             raise UsageError(f"{manifest} is damaged (not JSON); repair it or use another --out") from None
-        if prior.get("model") != model:
-            raise UsageError(
-                f"{run} holds SAEs of model {prior.get('model')!r} but {store} was harvested from {model!r}; "
-                "use another --out"
-            )
+    for spec in specs:
+        cfg = rundir.sae_dir(run, spec.sae_id) / "cfg.json"
+        if cfg.is_file():
+            had = json.loads(cfg.read_text()).get("model_name")
+            if had != model:
+                raise UsageError(
+                    f"{spec.sae_id} in {run} is an SAE of model {had!r}, but {store} was harvested from {model!r}; "
+                    "SAE ids name the hook, not the model, so train this model into another --out"
+                )
+    stores = prior.get("stores") or ([{"store": prior["store"], "model": prior.get("model")}] if prior else [])
+    entry = {"store": str(store), "model": model}
+    if entry in stores:
         return
     run.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(
-        manifest, json.dumps({"store": str(store), "model": model, "actstore": __version__}, indent=2).encode()
-    )
+    first = stores[0] if stores else entry
+    record = {"store": first["store"], "model": first["model"], "stores": [*stores, entry], "actstore": __version__}
+    atomic.write_bytes(manifest, json.dumps(record, indent=2).encode())
 
 
 def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: TrainOptions, progress: bool) -> list[str]:
@@ -231,7 +240,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
     todo = [s for s in specs if not rundir.is_trained(run, s.sae_id)]
     if not todo:
         return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
-    ckpt_path = rundir.checkpoint_path(run, hook)
+    ckpt_path = rundir.checkpoint_path(run, hook, store)
     ckpt = torch.load(ckpt_path, weights_only=False, map_location=o.device) if ckpt_path.exists() else None
     # A checkpoint written before some SAEs of this sweep finished still covers the rest of it.
     members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == _key(m, wanted)), None)
