@@ -160,7 +160,11 @@ def _extras(sae_id: str, t: pl.DataFrame, codes: pl.DataFrame) -> dict[str, pl.D
         (pl.col("kl_patched") * pl.Series(u[0])).alias("kl_linear"),
         (pl.col("kl_patched") * pl.Series(u[1])).alias("kl_nonlinear"),
     )
-    return {"curves": curves, "latents": latents, "darkmatter": darkmatter, "darkmatter_tokens": between}
+    evals = pl.DataFrame(
+        {"store": ["s.zarr"], "n_seq": [t["seq"].n_unique()], "n_tokens": [t.height], "seed": [0], "patch_pos": [None],
+         "options": ["{}"], "actstore": ["test"], "created": ["2026-12-01T00:00:00Z"]}
+    )  # fmt: skip
+    return {"curves": curves, "latents": latents, "darkmatter": darkmatter, "darkmatter_tokens": between, "evals": evals}
 
 
 def _layer_rows(model: str, store: str, hooks: tuple[str, ...], rng) -> pl.DataFrame:
@@ -339,6 +343,21 @@ def test_kl_gap_is_the_ratio_of_mean_kls(sweep_run):
         ratio = t["kl_patched"].to_numpy() / t[f"kl_{base}"].to_numpy()
         assert row["gap"] == pytest.approx(t["kl_patched"].mean() / t[f"kl_{base}"].mean(), rel=1e-5)
         assert row["ratio_p50"] == pytest.approx(np.median(ratio), rel=1e-5)
+
+
+def test_training_report_averages_the_last_logged_rows_and_counts_dead_latents(sweep_run):
+    sae = f"{HOOKS[0]}__k16_s1"
+    out = query(sweep_run, "training", last_rows=3).filter(pl.col("sae_id") == sae).row(0, named=True)
+    c = rec.read_table(sweep_run, "curves").filter(pl.col("sae_id") == sae).sort("step")
+    tail = c.tail(3)
+    assert out["steps"] == c["step"].max()
+    for col in ("mse", "nmse", "explained_variance", "l0", "nmse_uncentred"):
+        assert out[f"final_{col}"] == pytest.approx(tail[col].mean(), rel=1e-9)
+    assert out["dead_latents"] == round(c["dead_frac"][-1] * D_SAE)
+    lat = rec.read_table(sweep_run, "latents").filter(pl.col("sae_id") == sae)
+    assert out["never_fired_eval"] == (lat["fires"] == 0).sum()
+    assert out["wall_seconds"] == pytest.approx(c["seconds"].max())  # no train_seconds in the fixture's saes
+    assert out["n_eval_tokens"] == N_SEQ * SEQ_LEN
 
 
 def test_every_named_query_documents_itself_and_runs(sweep_run):

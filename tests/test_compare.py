@@ -256,3 +256,19 @@ def test_bad_comparisons_are_one_line_errors_naming_what_exists(two_models, tmp_
             assert "\n" not in str(exc) and "it has: m-70, m-410" in str(exc)
         else:
             raise AssertionError(f"{q} accepted an unknown model")
+
+
+def test_sql_cli_delta_needs_no_parameters_and_errors_in_one_line(two_models, tmp_path):
+    from click.testing import CliRunner
+
+    from actstore.cli.main import main
+
+    runner = CliRunner()
+    out = runner.invoke(main, ["sql", two_models, "--query", "delta", "--param", "n_boot=20", "--format", "csv"])
+    assert out.exit_code == 0, out.output
+    df = pl.read_csv(out.stdout.encode())
+    assert set(df["a"]) == {SMALL} and set(df["b"]) == {LARGE}
+    one = str(tmp_path / "one")
+    _write(one, SMALL, 3, 8, 0, BUDGETS[0], np.random.default_rng(1))
+    bad = runner.invoke(main, ["sql", one, "--query", "delta"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "this run has only m-70" in bad.output

@@ -239,7 +239,9 @@ def test_resume_after_kill_reaches_the_same_weights(dict_store, tmp_path):
     path, _ = dict_store
     killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
     proc = subprocess.Popen(_train_cmd(path, killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = Path(killed) / "checkpoints" / f"{HOOK}.pt"
+    from actstore.run import checkpoint_path
+
+    ckpt = checkpoint_path(killed, HOOK, path)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not ckpt.exists():
         time.sleep(0.01)
