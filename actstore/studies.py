@@ -51,7 +51,9 @@ def corr_table(run: str, train_tokens: int | None = None) -> pl.DataFrame:
     """Study 000's correlation table: per depth, corr(R², CE_rec) pooling k and scale, and within fixed k."""
     params = {} if train_tokens is None else {"train_tokens": train_tokens}
     df = query(run, "corr_r2_ce", **params)
-    return df.select("depth", "hooks", "n_saes", pl.col("pooled").alias("corr pooled"), pl.col("within_k").alias("corr within k"))
+    return df.select(
+        "depth", "hooks", "n_saes", pl.col("pooled").alias("corr pooled"), pl.col("within_k").alias("corr within k")
+    )
 
 
 def kstar_table(run: str, targets: str, train_tokens: int | None = None) -> pl.DataFrame:

@@ -7,9 +7,8 @@ drive directly, one step at a time, exactly as `train` runs it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 
 import polars as pl
+from _common import add_plan_args, plan_from, show
 
 from actstore import studies
 from actstore.analytics import query
 from actstore.steps.demo import build
-
-from _common import add_plan_args, plan_from, show
 
 
 def main() -> None:
@@ -34,9 +33,15 @@ def main() -> None:
     small, large = list(plan.models)
     depths = query(run, "delta")["depth"].unique().sort().to_list()
     for depth in depths:
-        show(f"Δ at depth {depth:.3f} ({large} minus {small}), {tokens:,} tokens/SAE", studies.delta_table(run, depth, tokens))
+        show(
+            f"Δ at depth {depth:.3f} ({large} minus {small}), {tokens:,} tokens/SAE",
+            studies.delta_table(run, depth, tokens),
+        )
     show("Correlations between R² and CE_rec (pooling k and scale; within fixed k)", studies.corr_table(run, tokens))
-    show("k*(t): the smallest k with CE_rec ≥ t (linear interpolation on the k grid)", studies.kstar_table(run, args.targets, tokens))
+    show(
+        "k*(t): the smallest k with CE_rec ≥ t (linear interpolation on the k grid)",
+        studies.kstar_table(run, args.targets, tokens),
+    )
     rd = query(run, "rate_distortion").filter(pl.col("train_tokens") == tokens, pl.col("seed") == 0)
     rd = rd.select("model", "layer", "k", "rate_bits", "l0", "fvu", "ce_gap")
     show("Rate–distortion: bits/token against 1 − R² and 1 − CE_rec", rd)

@@ -17,12 +17,11 @@ import argparse
 from dataclasses import replace
 
 import polars as pl
+from _common import add_plan_args, plan_from, show
 
 from actstore import studies
 from actstore.run import read_table
 from actstore.steps.demo import build
-
-from _common import add_plan_args, plan_from, show
 
 
 def main() -> None:

@@ -17,12 +17,11 @@ import json
 from pathlib import Path
 
 import polars as pl
+from _common import show
 
 from actstore.analytics import query
 from actstore.steps.demo import Plan, build
 from actstore.steps.report import report
-
-from _common import show
 
 
 def main() -> None:
@@ -45,9 +44,15 @@ def main() -> None:
         ("final explained variance", f"{summary['final_explained_variance']:.1%}"),
         ("L0 (target = k)", f"{summary['final_l0']:.1f} (k = {summary['k']})"),
         ("dead features (dead window)", f"{summary['dead_latents']:,} / {summary['d_sae']:,}"),
-        ("dead features (sample, no fires on the eval tokens)", f"{summary['never_fired_eval']} / {summary['d_sae']:,}"),
+        (
+            "dead features (sample, no fires on the eval tokens)",
+            f"{summary['never_fired_eval']} / {summary['d_sae']:,}",
+        ),
     ]
-    show(f"SAE training report — {args.sae_id}", pl.DataFrame({"summary": [k for k, _ in items], "": [v for _, v in items]}))
+    show(
+        f"SAE training report — {args.sae_id}",
+        pl.DataFrame({"summary": [k for k, _ in items], "": [v for _, v in items]}),
+    )
     meta = cfg["actstore"]
     config = [
         ("source model", cfg["model_name"]), ("hook", cfg["hook_name"]), ("d_model", cfg["d_in"]),

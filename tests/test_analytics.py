@@ -164,7 +164,13 @@ def _extras(sae_id: str, t: pl.DataFrame, codes: pl.DataFrame) -> dict[str, pl.D
         {"store": ["s.zarr"], "n_seq": [t["seq"].n_unique()], "n_tokens": [t.height], "seed": [0], "patch_pos": [None],
          "options": ["{}"], "actstore": ["test"], "created": ["2026-12-01T00:00:00Z"]}
     )  # fmt: skip
-    return {"curves": curves, "latents": latents, "darkmatter": darkmatter, "darkmatter_tokens": between, "evals": evals}
+    return {
+        "curves": curves,
+        "latents": latents,
+        "darkmatter": darkmatter,
+        "darkmatter_tokens": between,
+        "evals": evals,
+    }
 
 
 def _layer_rows(model: str, store: str, hooks: tuple[str, ...], rng) -> pl.DataFrame:

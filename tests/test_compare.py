@@ -66,7 +66,11 @@ def _write(run: str, model: str, layer: int, k: int, seed: int, tokens: int, rng
     quality = 1 - (0.3 / np.sqrt(k)) * (0.6 if big else 1.0) * (0.8 if tokens > 1000 else 1.0)
     damage = (2.0 / k) * (1.4 if big and tokens == 1000 else 0.9) + 0.02 * rng.standard_normal()
     sae_id = f"{model}_L{layer}_k{k}_t{tokens}_s{seed}" + (f"_lr{lr:g}" if lr != 1e-3 else "")
-    rec.write_tables(run, sae_id, {"tokens": _tokens(rng, quality, max(damage, 0.01)), "saes": _saes_row(model, layer, k, seed, tokens, lr)})
+    rec.write_tables(
+        run,
+        sae_id,
+        {"tokens": _tokens(rng, quality, max(damage, 0.01)), "saes": _saes_row(model, layer, k, seed, tokens, lr)},
+    )
     return sae_id
 
 
@@ -162,13 +166,15 @@ def test_delta_at_one_depth_by_mapping_and_per_sequence_ce(two_models):
             assert mapped[c].equals(mid[c]), c
     seq = query(two_models, "delta", depth=0.5, ce_unit="seq", n_boot=20)
     s = _stats(two_models)
-    row = seq.filter((pl.col("k") == 16) & (pl.col("seed") == 1) & (pl.col("matched") == str(BUDGETS[0]))).row(0, named=True)
+    row = seq.filter((pl.col("k") == 16) & (pl.col("seed") == 1) & (pl.col("matched") == str(BUDGETS[0]))).row(
+        0, named=True
+    )
     assert row["ce_rec_a"] == pytest.approx(_pick(s, SMALL, 3, 16, 1)["ce_seq"], rel=1e-6)
     assert row["ce_rec_b"] == pytest.approx(_pick(s, LARGE, 12, 16, 1)["ce_seq"], rel=1e-6)
 
 
 def test_kstar_ratio_is_larger_over_smaller_at_matched_depth(two_models):
-    s = _stats(two_models).filter((pl.col("train_tokens") == BUDGETS[0]))
+    s = _stats(two_models).filter(pl.col("train_tokens") == BUDGETS[0])
 
     def kstar(model: str, layer: int, t: float) -> float | None:
         c = s.filter((pl.col("model") == model) & (pl.col("layer") == layer)).group_by("k").agg(pl.col("ce_rec").mean())
@@ -232,7 +238,9 @@ def test_budget_sweep_means_and_t_intervals_over_distinct_seeds(two_models):
             assert row[name] == pytest.approx(d.mean(), rel=1e-6)
             assert row[f"{name}_lo"] == pytest.approx(d.mean() - half, rel=1e-3, abs=1e-9)
             assert row[f"{name}_hi"] == pytest.approx(d.mean() + half, rel=1e-3, abs=1e-9)
-        assert row["mismatch_rate"] == pytest.approx(np.mean([(r > 0) and (c < 0) for r, c in zip(d_r2, d_ce, strict=True)]))
+        assert row["mismatch_rate"] == pytest.approx(
+            np.mean([(r > 0) and (c < 0) for r, c in zip(d_r2, d_ce, strict=True)])
+        )
 
 
 def test_bad_comparisons_are_one_line_errors_naming_what_exists(two_models, tmp_path):

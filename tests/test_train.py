@@ -319,7 +319,9 @@ def test_seed_data_gives_each_seed_its_own_data_order_and_records_it(dict_store,
     path, _ = dict_store
     o = TrainOptions(batch_size=1000, seed_data=True, data_seed=3)
     train(path, str(tmp_path / "rep"), sweep([HOOK], [4], [2], [6_000], [0, 1]), o)
-    train(path, str(tmp_path / "alone"), sweep([HOOK], [4], [2], [6_000], [1]), TrainOptions(batch_size=1000, data_seed=4))
+    train(
+        path, str(tmp_path / "alone"), sweep([HOOK], [4], [2], [6_000], [1]), TrainOptions(batch_size=1000, data_seed=4)
+    )
     name = f"{HOOK}__k4_x2_6k_s1"
     a = load_file(str(tmp_path / "rep/saes" / name / "sae_weights.safetensors"))
     b = load_file(str(tmp_path / "alone/saes" / name / "sae_weights.safetensors"))

@@ -92,6 +92,7 @@ def build(out: str, plan: Plan, progress: bool = True) -> str:
 
 def _sayer(progress: bool):
     """Stage headers on stderr, each with the seconds since the process started (where the time goes)."""
+
     def say(msg: str) -> None:
         if progress:
             print(f"{msg}   [{time.perf_counter() - _T0:.0f} s]", file=sys.stderr)
@@ -114,7 +115,11 @@ def demo(out: str = "demo", progress: bool = True, plan: Plan | None = None) -> 
     started = time.monotonic()
     run = build(out, plan, progress)
     say = _sayer(progress)
-    main_ids = {s.sae_id for m in plan.models for s in sweep(list(plan.models[m]), list(plan.ks), [plan.expansion], [plan.budgets[0]], [0])}
+    main_ids = {
+        s.sae_id
+        for m in plan.models
+        for s in sweep(list(plan.models[m]), list(plan.ks), [plan.expansion], [plan.budgets[0]], [0])
+    }
     if rundir.read_table(run, "darkmatter").is_empty():
         say("\n== dark matter of the k sweep: linear error probes, then x̂ + each part of the error patched in")
         darkmatter(run, only=main_ids, progress=progress)
@@ -157,6 +162,8 @@ def demo(out: str = "demo", progress: bool = True, plan: Plan | None = None) -> 
     outputs = {"run": run, "report": str(rundir.report_dir(run) / "report.html"), "bundle": bundle}
     for name, path in outputs.items():
         print(f"{name:<8} {path}")
-    print(f"\nnext: actstore sql {run} --list   ·   actstore sql {run} --query delta   ·   actstore bundle verify {bundle}")
+    print(
+        f"\nnext: actstore sql {run} --list   ·   actstore sql {run} --query delta   ·   actstore bundle verify {bundle}"
+    )
     say(f"demo finished in {time.monotonic() - started:.0f} s")
     return outputs

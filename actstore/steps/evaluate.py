@@ -113,7 +113,9 @@ def load_saes(run: str, sae_paths: list[str] | None, model: str | None = None) -
     mine = [s for s in saes if s.cfg.get("model_name") in (None, model)]
     if not mine:
         others = sorted({str(s.cfg.get("model_name")) for s in saes})
-        raise UsageError(f"{run} has no SAEs of model {model!r} (the eval store's); it has SAEs of: {', '.join(others)}")
+        raise UsageError(
+            f"{run} has no SAEs of model {model!r} (the eval store's); it has SAEs of: {', '.join(others)}"
+        )
     return mine
 
 

@@ -34,7 +34,10 @@ from actstore.units import parse_count
 class HarvestOptions:
     """Everything that decides a store's bytes; a resume must match all of it."""
 
-    model: str = option("tiny", "A shipped model ('tiny', 'tiny-192'), a local HF model directory, or a hub name (EleutherAI/pythia-70m).")
+    model: str = option(
+        "tiny",
+        "A shipped model ('tiny', 'tiny-192'), a local HF model directory, or a hub name (EleutherAI/pythia-70m).",
+    )
     corpus: str = option(
         "builtin", "'builtin', text files/dirs/globs, .jsonl/.parquet, a saved HF dataset dir, or .npy token arrays."
     )

@@ -67,8 +67,23 @@ TABLES = [  # the first comes before the figures: the numbers a reader looks for
         title="Δ = larger − smaller model at matched relative depth (study 000), 95% CIs over sequences",
         query="delta",
         shape=lambda df: analytics.with_intervals(
-            df.select("depth", "layer_a", "layer_b", "k", "matched", "seed", "d_r2", "d_r2_lo", "d_r2_hi",
-                      "d_ce_rec", "d_ce_rec_lo", "d_ce_rec_hi", "cohens_d", "mismatch", "mismatch_rate")
+            df.select(
+                "depth",
+                "layer_a",
+                "layer_b",
+                "k",
+                "matched",
+                "seed",
+                "d_r2",
+                "d_r2_lo",
+                "d_r2_hi",
+                "d_ce_rec",
+                "d_ce_rec_lo",
+                "d_ce_rec_hi",
+                "cohens_d",
+                "mismatch",
+                "mismatch_rate",
+            )
         ),
     ),  # fmt: skip
     TableSpec(title="Does R² go with CE_rec across the sweep and across models, per depth?", query="corr_r2_ce"),
