@@ -126,7 +126,9 @@ CREATE OR REPLACE MACRO baseline_kl() AS TABLE
     );
 
 -- mismatch(d_r2, d_ce_rec): study 000's indicator: R² improves while behaviour (CE_rec) gets worse.
-CREATE OR REPLACE MACRO mismatch(d_r2, d_ce_rec) AS d_r2 > 0 AND d_ce_rec < 0;
+-- NULL when either is NaN (an R² without the positions it needs): DuckDB orders NaN above every number.
+CREATE OR REPLACE MACRO mismatch(d_r2, d_ce_rec) AS
+    CASE WHEN isnan(d_r2) OR isnan(d_ce_rec) THEN NULL ELSE d_r2 > 0 AND d_ce_rec < 0 END;
 
 -- model_order(): the run's models from the smaller to the larger: by width (d_model), then by depth
 -- (n_layers), then by name. Cross-model queries take side a = the smaller and b = the larger, so that
@@ -152,6 +154,16 @@ CREATE OR REPLACE MACRO check_models(a, b) AS CASE
     WHEN a = b THEN error('a and b are both ' || a || '; give two of: ' || models_listed())
     ELSE true END;
 
+-- seed_stats(min_pos, max_pos, ce_unit): R² and CE_rec per (model, hook, k, expansion, train_tokens, seed):
+-- SAEs sharing all of these (an lr sweep's twins) are averaged into one, so a seed is one repeat.
+CREATE OR REPLACE MACRO seed_stats(min_pos, max_pos, ce_unit) AS TABLE
+    SELECT s.model, s.hook, s.k, s.expansion, s.train_tokens, s.seed, avg(t.r2) AS r2,
+        avg(CASE ce_unit WHEN 'seq' THEN t.ce_rec_seq ELSE t.ce_rec END) AS ce_rec, count(*) AS n_saes
+    FROM sae_stats(min_pos, max_pos, 0, 0, 0) AS t
+    JOIN saes AS s USING (sae_id)
+    WHERE t.b = -1
+    GROUP BY ALL;
+
 -- model_hooks(): every (model, hook) with SAEs, and its relative depth layer / n_layers.
 CREATE OR REPLACE MACRO model_hooks() AS TABLE
     SELECT DISTINCT model, hook, layer, coalesce(depth, layer / n_layers) AS depth
@@ -173,7 +185,7 @@ CREATE OR REPLACE MACRO depth_pairs(a, b, tol, layers) AS TABLE
                ELSE (x.layer, y.layer) IN (SELECT (layer_a, layer_b) FROM mapping) END;
 
 -- check_depth_pairs(a, b, tol, layers, at_depth): a one-line error when the tolerance matches one hook to two
--- layers of the other model, or when a depth `at` was asked for and no pair lies there.
+-- layers of the other model, when nothing pairs at all, or when a depth was asked for and no pair lies there.
 CREATE OR REPLACE MACRO check_depth_pairs(a, b, tol, layers, at_depth) AS CASE
     WHEN (SELECT max(n) FROM (SELECT count(*) AS n FROM depth_pairs(a, b, tol, layers) GROUP BY hook_a)) > 1
         THEN error('depth_tol ' || tol::DOUBLE || ' matches ' || (
@@ -183,6 +195,13 @@ CREATE OR REPLACE MACRO check_depth_pairs(a, b, tol, layers, at_depth) AS CASE
     WHEN (SELECT max(n) FROM (SELECT count(*) AS n FROM depth_pairs(a, b, tol, layers) GROUP BY hook_b)) > 1
         THEN error('depth_tol ' || tol::DOUBLE || ' matches two hooks of ' || a || ' to one hook of ' || b
                    || '; lower depth_tol or give layers=LA:LB,…')
+    WHEN NOT EXISTS (SELECT 1 FROM depth_pairs(a, b, tol, layers))
+        THEN error('no hook of ' || a || ' pairs with one of ' || b || CASE WHEN layers IS NULL THEN ' at the same depth (within '
+                   || tol::DOUBLE || ')' ELSE ' by layers=' || layers END || '; depths of ' || a || ': '
+                   || coalesce((SELECT string_agg(DISTINCT round(depth, 4)::VARCHAR, ', ' ORDER BY round(depth, 4)::VARCHAR) FROM model_hooks() WHERE model = a), 'none')
+                   || '; of ' || b || ': '
+                   || coalesce((SELECT string_agg(DISTINCT round(depth, 4)::VARCHAR, ', ' ORDER BY round(depth, 4)::VARCHAR) FROM model_hooks() WHERE model = b), 'none')
+                   || ' (layer / n_layers); give layers=LA:LB,… to pair them by hand')
     WHEN at_depth IS NOT NULL AND NOT EXISTS (SELECT 1 FROM depth_pairs(a, b, tol, layers) WHERE abs(depth - at_depth) <= tol)
         THEN error('no pair of ' || a || ' and ' || b || ' at depth ' || at_depth::DOUBLE || '; the matched depths are: '
                    || coalesce((SELECT string_agg(DISTINCT round(depth, 4)::VARCHAR, ', ' ORDER BY round(depth, 4)::VARCHAR) FROM depth_pairs(a, b, tol, layers)), 'none')

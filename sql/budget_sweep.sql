@@ -22,12 +22,8 @@ SELECT check_models(getvariable('a'), getvariable('b'))
                           getvariable('depth'));
 
 WITH stats AS (  -- one repeat per (model, hook, k, expansion, budget, seed)
-    SELECT s.model, s.hook, s.k, s.expansion, s.train_tokens, s.seed, avg(t.r2) AS r2,
-        avg(CASE getvariable('ce_unit') WHEN 'seq' THEN t.ce_rec_seq ELSE t.ce_rec END) AS ce_rec
-    FROM sae_stats(getvariable('min_pos'), getvariable('max_pos'), 0, 0, 0) AS t
-    JOIN saes AS s USING (sae_id)
-    WHERE t.b = -1 AND s.model IN (getvariable('a'), getvariable('b'))
-    GROUP BY ALL
+    FROM seed_stats(getvariable('min_pos'), getvariable('max_pos'), getvariable('ce_unit'))
+    WHERE model IN (getvariable('a'), getvariable('b'))
 ),
 repeats AS (
     SELECT p.depth, p.layer_a, p.layer_b, x.k, x.expansion, x.train_tokens, x.seed,

@@ -30,7 +30,10 @@ SET VARIABLE b = coalesce(getvariable('b')::VARCHAR, CASE getvariable('compare')
 SELECT CASE WHEN getvariable('compare') = 'model' THEN check_models(getvariable('a'), getvariable('b'))
             AND check_depth_pairs(getvariable('a'), getvariable('b'), getvariable('depth_tol'), getvariable('layers'),
                                   getvariable('depth')) END;
-SELECT CASE WHEN getvariable('compare') = 'train_tokens'
+SELECT CASE WHEN getvariable('compare') = 'train_tokens' AND getvariable('a') = getvariable('b')
+            THEN error('a and b are both ' || getvariable('a') || ' tokens; the budgets here are: '
+                       || (SELECT string_agg(DISTINCT train_tokens::VARCHAR, ', ') FROM saes))
+            WHEN getvariable('compare') = 'train_tokens'
              AND NOT EXISTS (SELECT 1 FROM saes WHERE train_tokens::VARCHAR = getvariable('a'))
             THEN error('no SAEs trained on ' || getvariable('a') || ' tokens (a); budgets here: '
                        || (SELECT string_agg(DISTINCT train_tokens::VARCHAR, ', ') FROM saes))
@@ -89,6 +92,10 @@ SELECT
     r2_a, r2_b, d_r2, ci_r2[1] AS d_r2_lo, ci_r2[2] AS d_r2_hi,
     ce_rec_a, ce_rec_b, d_ce_rec, ci_ce_rec[1] AS d_ce_rec_lo, ci_ce_rec[2] AS d_ce_rec_hi, cohens_d,
     mismatch(d_r2, d_ce_rec) AS mismatch,
-    avg(mismatch(d_r2, d_ce_rec)::INTEGER) OVER (PARTITION BY depth, hook_a, k, expansion, matched) AS mismatch_rate
-FROM cells
+    sum(seed_mismatch / pairs_of_seed) OVER cell / sum(1.0 / pairs_of_seed) OVER cell AS mismatch_rate
+FROM (SELECT *,  -- a seed with several pairs (lr twins) counts once: its pairs' mean, weighted 1/pairs
+          avg(mismatch(d_r2, d_ce_rec)::INTEGER) OVER (PARTITION BY depth, hook_a, k, expansion, matched, seed) AS seed_mismatch,
+          count(*) OVER (PARTITION BY depth, hook_a, k, expansion, matched, seed) AS pairs_of_seed
+      FROM cells)
+WINDOW cell AS (PARTITION BY depth, hook_a, k, expansion, matched)
 ORDER BY depth, hook_a, k, expansion, matched, seed, sae_a, sae_b;

@@ -22,14 +22,13 @@ SELECT CASE WHEN getvariable('b') IS NOT NULL THEN check_models(getvariable('a')
             WHEN getvariable('a') NOT IN (SELECT model FROM model_order())
             THEN error('model ' || getvariable('a') || ' (a) has no SAEs in this run; it has: ' || models_listed()) END;
 
-WITH curve AS (  -- one sweep curve per model, hook, expansion and budget; seeds averaged
-    SELECT s.model, s.layer, s.hook, s.expansion, s.train_tokens, s.k,
-        avg(CASE getvariable('ce_unit') WHEN 'seq' THEN t.ce_rec_seq ELSE t.ce_rec END) AS ce_rec
-    FROM sae_stats(getvariable('min_pos'), getvariable('max_pos'), 0, 0, 0) AS t
-    JOIN saes AS s USING (sae_id)
-    WHERE t.b = -1 AND s.model IN (getvariable('a'), getvariable('b'))
+WITH curve AS (  -- one sweep curve per model, hook, expansion and budget; seeds averaged (lr twins first)
+    SELECT s.model, h.layer, s.hook, s.expansion, s.train_tokens, s.k, avg(s.ce_rec) AS ce_rec
+    FROM seed_stats(getvariable('min_pos'), getvariable('max_pos'), getvariable('ce_unit')) AS s
+    JOIN model_hooks() AS h USING (model, hook)
+    WHERE s.model IN (getvariable('a'), getvariable('b'))
     GROUP BY ALL
-    HAVING ce_rec IS NOT NULL
+    HAVING ce_rec IS NOT NULL AND NOT isnan(ce_rec)
 ),
 steps AS (
     SELECT *, lag(k) OVER w AS k_prev, lag(ce_rec) OVER w AS ce_prev, row_number() OVER w AS i

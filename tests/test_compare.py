@@ -147,6 +147,11 @@ def test_delta_is_larger_minus_smaller_at_matched_depth_whatever_the_names(two_m
         d = (b["ce_seq"] - a["ce_seq"]) / np.sqrt((a["ce_seq_sd"] ** 2 + b["ce_seq_sd"] ** 2) / 2)
         assert row["cohens_d"] == pytest.approx(d, rel=1e-6)
         assert row["d_r2_lo"] <= row["d_r2"] <= row["d_r2_hi"]
+    twin = out.filter(pl.col("sae_a").str.contains("_lr"))
+    assert twin.height == 1  # the lr twin pairs too, but its seed counts once in the mismatch rate:
+    cell = out.filter((pl.col("depth") == 0.5) & (pl.col("k") == 8) & (pl.col("matched") == str(BUDGETS[0])))
+    per_seed = cell.group_by("seed").agg(pl.col("mismatch").cast(pl.Float64).mean())
+    assert cell["mismatch_rate"][0] == pytest.approx(per_seed["mismatch"].mean())
     low_k = out.filter((pl.col("k") == 8) & (pl.col("matched") == str(BUDGETS[0])))
     assert (low_k["d_r2"] > 0).all() and (low_k["d_ce_rec"] < 0).mean() > 0.5  # the fixture's mismatch, signed right
     swapped = query(two_models, "delta", a=LARGE, b=SMALL, n_boot=20)
@@ -177,8 +182,8 @@ def test_kstar_ratio_is_larger_over_smaller_at_matched_depth(two_models):
     s = _stats(two_models).filter(pl.col("train_tokens") == BUDGETS[0])
 
     def kstar(model: str, layer: int, t: float) -> float | None:
-        c = s.filter((pl.col("model") == model) & (pl.col("layer") == layer)).group_by("k").agg(pl.col("ce_rec").mean())
-        c = c.sort("k")
+        c = s.filter((pl.col("model") == model) & (pl.col("layer") == layer))
+        c = c.group_by("k", "seed").agg(pl.col("ce_rec").mean()).group_by("k").agg(pl.col("ce_rec").mean()).sort("k")
         ks, ce = c["k"].to_numpy(), c["ce_rec"].to_numpy()
         hit = np.nonzero(ce >= t)[0]
         if not len(hit):
@@ -198,8 +203,8 @@ def test_kstar_ratio_is_larger_over_smaller_at_matched_depth(two_models):
 
 
 def test_corr_pools_models_per_depth_and_demeans_each_k_across_models(two_models):
-    out = query(two_models, "corr_r2_ce")
-    s = _stats(two_models)
+    out = query(two_models, "corr_r2_ce", train_tokens=BUDGETS[0])
+    s = _stats(two_models).filter(pl.col("train_tokens") == BUDGETS[0])
     assert out.height == 3 and (out["n_models"] == 2).all()
     for row in out.iter_rows(named=True):
         layer_small = round(row["depth"] * 6)
@@ -207,12 +212,17 @@ def test_corr_pools_models_per_depth_and_demeans_each_k_across_models(two_models
             ((pl.col("model") == SMALL) & (pl.col("layer") == layer_small))
             | ((pl.col("model") == LARGE) & (pl.col("layer") == layer_small * 4))
         )
+        # one point per (model, k): lr twins merged into their seed, then seeds averaged
+        h = h.group_by("model", "k", "seed").agg(pl.col("r2", "ce_rec").mean())
+        h = h.group_by("model", "k").agg(pl.col("r2", "ce_rec").mean())
         r2, ce, k = h["r2"].to_numpy(), h["ce_rec"].to_numpy(), h["k"].to_numpy()
         r2_c = r2 - np.array([r2[k == v].mean() for v in k])
         ce_c = ce - np.array([ce[k == v].mean() for v in k])
-        assert row["n_saes"] == len(h)
+        assert row["n_points"] == len(h) == 2 * len(KS)
         assert row["pooled"] == pytest.approx(np.corrcoef(r2, ce)[0, 1], rel=1e-6)
         assert row["within_k"] == pytest.approx(np.corrcoef(r2_c, ce_c)[0, 1], rel=1e-6)
+    both = query(two_models, "corr_r2_ce")  # every budget: one row per (depth, budget)
+    assert both.filter(pl.col("depth") == 0.5)["train_tokens"].to_list() == list(BUDGETS)
 
 
 def test_budget_sweep_means_and_t_intervals_over_distinct_seeds(two_models):
@@ -250,6 +260,10 @@ def test_bad_comparisons_are_one_line_errors_naming_what_exists(two_models, tmp_
         query(two_models, "delta", depth_tol=0.4, n_boot=10)
     with pytest.raises(UsageError, match=r"model m-1b \(b\) has no SAEs in this run; it has: m-70, m-410"):
         query(two_models, "budget_sweep", b="m-1b")
+    with pytest.raises(UsageError, match=r"no hook of m-70 pairs with one of m-410 by layers=1:7"):
+        query(two_models, "delta", layers="1:7", n_boot=10)
+    with pytest.raises(UsageError, match="a and b are both 1000 tokens"):
+        query(two_models, "delta", compare="train_tokens", a=1000, b=1000, n_boot=10)
     with pytest.raises(UsageError, match="ce_unit must be pooled or seq"):
         query(two_models, "kstar", ce_unit="batch")
     one = str(tmp_path / "one")
@@ -257,6 +271,10 @@ def test_bad_comparisons_are_one_line_errors_naming_what_exists(two_models, tmp_
     with pytest.raises(UsageError, match="comparing models needs SAEs of two models; this run has only m-70"):
         query(one, "delta", n_boot=10)
     assert query(one, "kstar", targets="0.5")["b"].is_null().all()  # one model: its k*, no ratio
+    _write(one, LARGE, 12, 8, 0, BUDGETS[0], np.random.default_rng(2))  # no `positions` in this run
+    filtered = query(one, "delta", min_pos=1, n_boot=10).row(0, named=True)
+    assert np.isnan(filtered["d_r2"]) and filtered["mismatch"] is None  # NaN R² is not a mismatch (NaN > 0 in DuckDB)
+    assert query(one, "delta", n_boot=10)["mismatch"][0] is not None
     for q in ("delta", "kstar", "budget_sweep"):
         try:
             query(two_models, q, a="nope", **({"n_boot": 10} if q == "delta" else {}))
