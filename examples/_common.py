@@ -26,11 +26,11 @@ def add_plan_args(ap: argparse.ArgumentParser, tokens: str) -> None:
         help="NAME:LAYERS, twice (the smaller model first or not: sides go by size); default tiny:1,3,5 and tiny-192:2,6,10",
     )
     ap.add_argument("--hook-kind", default="hook_resid_post", help="blocks.{L}.<this> is the hook at each layer")
-    ap.add_argument("--k", default="8,16,32", help="the k sweep")
+    ap.add_argument("--k", default="8,16,32,64", help="the k sweep")
     ap.add_argument("--tokens", default=tokens, help="token budgets, comma-separated (150k, 1M, …)")
     ap.add_argument("--store-tokens", default="300k", help="tokens harvested per train store")
     ap.add_argument("--expansion", type=int, default=4)
-    ap.add_argument("--eval-seqs", type=int, default=64)
+    ap.add_argument("--eval-seqs", type=int, default=96)
 
 
 def plan_from(args: argparse.Namespace, **extra) -> Plan:

@@ -25,7 +25,7 @@ from actstore.steps.demo import build
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_plan_args(ap, tokens="150k")
-    ap.add_argument("--targets", default="0.8,0.9", help="CE_rec targets of the k* table")
+    ap.add_argument("--targets", default="0.9,0.95", help="CE_rec targets of the k* table")
     args = ap.parse_args()
     plan = plan_from(args, budget_ks=())  # the k sweep only: seed 0 at the first budget
     run = build(args.out, plan)

@@ -42,7 +42,7 @@ class Plan:
             "tiny-192": tuple(f"blocks.{layer}.hook_resid_post" for layer in (2, 6, 10)),
         }
     )
-    ks: tuple[int, ...] = (8, 16, 32)  # the k sweep at every depth (study 000)
+    ks: tuple[int, ...] = (8, 16, 32, 64)  # the k sweep at every depth (study 000)
     budgets: tuple[int, ...] = (150_000, 450_000)  # the k sweep runs at the first; study 002's table at all
     store_tokens: int = 300_000  # the train store; a budget beyond it loops over it (epochs)
     budget_ks: tuple[int, ...] = (8, 16)  # the budget sweep's k, at the mid hook
@@ -51,8 +51,8 @@ class Plan:
     expansion: int = 4
     corpus: str = "builtin"
     seq_len: int = 128
-    eval_seqs: int = 64
-    kstar_targets: str = "0.8,0.9"
+    eval_seqs: int = 96
+    kstar_targets: str = "0.9,0.95"
 
     def specs(self, model: str) -> list[SAESpec]:
         hooks = self.models[model]
