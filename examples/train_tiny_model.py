@@ -1,11 +1,12 @@
 """Train a shipped model (`--model tiny` or `tiny-192`): a GPT-NeoX over bytes, on the builtin corpus.
 
     python examples/train_tiny_model.py [--model tiny] [--steps 1100] [--out actstore/models/tiny]
-    python examples/train_tiny_model.py --model tiny-192 --fp16      # the 12-layer, 192-wide one
+    python examples/train_tiny_model.py --model tiny-192 --fp16 --lr 2e-3   # the 12-layer, 192-wide one
 
 Reads the builtin corpus's train split, trains with AdamW (warm-up, cosine decay, bf16 autocast on the
 CPU), then measures cross-entropy on the eval split against the corpus's unigram byte entropy and
-writes both beside the weights in `training.json`. About 12 minutes (one pass over the train split) on 2 CPU cores.
+writes both beside the weights in `training.json`. One pass over the train split (9M tokens) takes about
+12 minutes for tiny and 65 minutes for tiny-192 on 2 CPU cores.
 """
 
 from __future__ import annotations
