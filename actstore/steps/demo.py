@@ -79,8 +79,9 @@ def build(out: str, plan: Plan, progress: bool = True) -> str:
             say(f"== harvest {model} {split} store: {tokens:,} tokens of the {plan.corpus} corpus's {split} split")
             harvest(stores[split], HarvestOptions(split=split, tokens=tokens, **common), progress=progress)
         specs = plan.specs(model)
-        say(f"== train {model}: {len(specs)} SAEs (k {plan.ks} at {len(hooks)} depths; budgets {plan.budgets} "
-            f"× seeds {plan.seeds} at {hooks[plan.mid]})")  # fmt: skip
+        repeats = f"; k {plan.budget_ks} × budgets {plan.budgets} × seeds {plan.seeds} at {hooks[plan.mid]}"
+        say(f"== train {model}: {len(specs)} SAEs (k {plan.ks} at {len(hooks)} depths, {plan.budgets[0]:,} tokens"
+            f"{repeats if plan.budget_ks else ''})")  # fmt: skip
         train(stores["train"], run, specs, plan.train_options(), progress=progress)
         todo = _not_evaluated(run, stores["eval"], [s.sae_id for s in specs])
         if todo:
