@@ -52,7 +52,12 @@ def corr_table(run: str, train_tokens: int | None = None) -> pl.DataFrame:
     params = {} if train_tokens is None else {"train_tokens": train_tokens}
     df = query(run, "corr_r2_ce", **params)
     return df.select(
-        "depth", "train_tokens", "hooks", "n_points", pl.col("pooled").alias("corr pooled"), pl.col("within_k").alias("corr within k")
+        "depth",
+        "train_tokens",
+        "hooks",
+        "n_points",
+        pl.col("pooled").alias("corr pooled"),
+        pl.col("within_k").alias("corr within k"),
     )
 
 
