@@ -25,15 +25,22 @@ def baselines(x: Tensor, xh: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
     u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
     c = (x * xh).sum(-1, keepdim=True) / (x.norm(dim=-1, keepdim=True) * xh.norm(dim=-1, keepdim=True)).clamp_min(EPS)
     samecos = (c * x_unit + (1 - c**2).clamp_min(0).sqrt() * u) * xh.norm(dim=-1, keepdim=True)
-    # π: a random cyclic shift of a random order, so no token is paired with itself; identical
-    # activations (the same token at position 0, say) fall back to the isotropic direction.
-    order = torch.randperm(len(x), generator=gen)
-    partner = torch.empty_like(order)
-    partner[order] = order.roll(1)
-    diff = x - x[partner]
+    # Lee & Heimersheim's direction: the difference of two *other* real activations, never built from the
+    # token's own x; identical partners (the same token at position 0, say) fall back to the isotropic one.
+    a, b = partners(len(x), gen)
+    diff = x[a] - x[b] if len(x) >= 3 else g
     diff = torch.where(diff.norm(dim=-1, keepdim=True) > EPS, diff, g)
     actdiff = x + e_norm * diff / diff.norm(dim=-1, keepdim=True).clamp_min(EPS)
     return {"eps": eps, "samecos": samecos, "actdiff": actdiff}
+
+
+def partners(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two partner tokens a_i ≠ b_i for each of n tokens, both other than i (n ≥ 3): the next two in a
+    random cyclic order of the batch."""
+    order = torch.randperm(n, generator=gen)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(n)
+    return order[(place + 1) % n], order[(place + 2) % n]
 
 
 def activation_metrics(x: Tensor, xh: Tensor, l0: Tensor, mu: Tensor) -> dict[str, np.ndarray]:

@@ -195,7 +195,7 @@ TABLES: dict[str, Table] = {
             n_test BIGINT held-out tokens (odd sequences)
             vector_r2 DOUBLE held-out R² of x → e, mean over dimensions
             fvu DOUBLE held-out FVU of the SAE
-            fvu_linear DOUBLE ‖LinearError‖² / SST on held-out tokens
+            fvu_linear DOUBLE fvu − fvu_nonlinear on held-out tokens (004 Fig. 1: the part a linear map of x explains)
             fvu_nonlinear DOUBLE ‖NonlinearError‖² / SST on held-out tokens
             norm_r2_err DOUBLE held-out R² of x → ‖e‖²
             norm_r2_x DOUBLE held-out R² of x → ‖x‖²

@@ -46,6 +46,7 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
             nan_sum(sse) AS sse, nan_sum(sst) AS sst_all, nan_sum(ce_orig) AS ce_orig, nan_sum(ce_patched) AS ce_patched,
             nan_sum(ce_zero) AS ce_zero, nan_sum(kl_patched) AS kl, nan_sum(kl_zero) AS kl_zero, nan_sum(cos) AS cos,
             nan_sum(relerr) AS relerr, nan_sum(l0) AS l0, nan_sum(rate_bits) AS rate,
+            nan_sum(rate_bits - (lgamma(l0 + 1) / ln(2))::FLOAT) AS rate_set,  -- the set coder: log₂(l0!) fewer bits
             nan_sum((recon_norm / (x_norm + 1e-10))::FLOAT) AS l2_ratio,  -- float32 terms: exact sums, any order
             2 - nan_sum(ce_patched) / nan_sum(ce_orig) AS ce_rec_seq
         FROM tokens
@@ -63,7 +64,8 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
         SELECT sae_id, count(*) AS n_seq,
             sum(n) AS n, sum(n_kl) AS n_kl, sum(sse) AS sse, sum(sst) AS sst, sum(ce_orig) AS ce_orig,
             sum(ce_patched) AS ce_patched, sum(ce_zero) AS ce_zero, sum(kl) AS kl, sum(kl_zero) AS kl_zero,
-            sum(cos) AS cos, sum(relerr) AS relerr, sum(l0) AS l0, sum(rate) AS rate, sum(l2_ratio) AS l2_ratio,
+            sum(cos) AS cos, sum(relerr) AS relerr, sum(l0) AS l0, sum(rate) AS rate, sum(rate_set) AS rate_set,
+            sum(l2_ratio) AS l2_ratio,
             list_sum(list(ce_rec_seq ORDER BY seq)) AS ce_rec_seq,  -- in seq order: the same digits every time
             list_aggregate(list(ce_rec_seq ORDER BY seq), 'stddev_samp') AS ce_rec_seq_sd,
             list(n ORDER BY seq) AS l_n, list(n_kl ORDER BY seq) AS l_n_kl, list(sse ORDER BY seq) AS l_sse,
@@ -71,7 +73,8 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
             list(ce_patched ORDER BY seq) AS l_ce_patched, list(ce_zero ORDER BY seq) AS l_ce_zero,
             list(kl ORDER BY seq) AS l_kl, list(kl_zero ORDER BY seq) AS l_kl_zero, list(cos ORDER BY seq) AS l_cos,
             list(relerr ORDER BY seq) AS l_relerr, list(l0 ORDER BY seq) AS l_l0, list(rate ORDER BY seq) AS l_rate,
-            list(l2_ratio ORDER BY seq) AS l_l2_ratio, list(ce_rec_seq ORDER BY seq) AS l_ce_rec_seq
+            list(l2_ratio ORDER BY seq) AS l_l2_ratio, list(ce_rec_seq ORDER BY seq) AS l_ce_rec_seq,
+            list(rate_set ORDER BY seq) AS l_rate_set
         FROM per_seq
         GROUP BY sae_id
     ),
@@ -84,7 +87,7 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
             list_dot_product(w, l_kl_zero) AS kl_zero, list_dot_product(w, l_cos) AS cos,
             list_dot_product(w, l_relerr) AS relerr, list_dot_product(w, l_l0) AS l0,
             list_dot_product(w, l_rate) AS rate, list_dot_product(w, l_l2_ratio) AS l2_ratio,
-            list_dot_product(w, l_ce_rec_seq) AS ce_rec_seq
+            list_dot_product(w, l_ce_rec_seq) AS ce_rec_seq, list_dot_product(w, l_rate_set) AS rate_set
         FROM boot_counts(boot_n, n_boot, seed), per_sae  -- resamples on the streamed side: parallel
         WHERE n_seq = boot_n
     )
@@ -102,9 +105,11 @@ CREATE OR REPLACE MACRO sae_stats(min_pos, max_pos, n_boot, seed, boot_n) AS TAB
         sst / n AS sst_per_token,
         l2_ratio / n AS l2_ratio,
         l0 / n AS l0,
-        rate / n AS rate_bits
+        rate / n AS rate_bits,
+        rate_set / n AS rate_bits_set
     FROM (SELECT -1 AS b, * EXCLUDE (l_n, l_n_kl, l_sse, l_sst, l_ce_orig, l_ce_patched, l_ce_zero, l_kl,
-                                      l_kl_zero, l_cos, l_relerr, l_l0, l_rate, l_l2_ratio, l_ce_rec_seq) FROM per_sae
+                                      l_kl_zero, l_cos, l_relerr, l_l0, l_rate, l_l2_ratio, l_ce_rec_seq, l_rate_set)
+          FROM per_sae
           UNION ALL BY NAME
           SELECT *, boot_n AS n_seq FROM resampled);
 

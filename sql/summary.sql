@@ -4,7 +4,8 @@
 --   over tokens), ce_rec_seq and ce_rec_seq_sd (mean and SD over sequences of each one's own CE_rec),
 --   ce_loss_recovered (SAELens's), kl (mean KL(P‖Q_sae)), kl_score ((KL_zero − KL_sae)/KL_zero), cos,
 --   relerr, l2_ratio (mean ‖x̂‖/‖x‖), mse (mean ‖e‖²/d), sse_per_token and sst_per_token (study 000's
---   scale check: R² = 1 − SSE/SST), l0, rate_bits (rate proxy per token), each with _lo/_hi: the
+--   scale check: R² = 1 − SSE/SST), l0, rate_bits (rate proxy per token, indices coded one by one) and
+--   rate_bits_set (the same less log₂(l0!): the active indices coded as a set), each with _lo/_hi: the
 --   2.5/97.5 percentiles of n_boot resamples of sequences, every ratio recomputed from the resample's sums. alive (fraction of latents firing on a selected token) has no
 --   CI: "fired at least once" is an extreme-value statistic, for which the bootstrap is not valid.
 -- CIs need SAEs evaluated on the same sequences: they are given for SAEs with the most common
@@ -24,7 +25,7 @@ intervals AS (
     SELECT sae_id, ci(r2) AS r2, ci(ce_rec) AS ce_rec, ci(ce_loss_recovered) AS ce_loss_recovered, ci(kl) AS kl,
         ci(kl_score) AS kl_score, ci(cos) AS cos, ci(relerr) AS relerr, ci(sse_per_token) AS sse_per_token,
         ci(sst_per_token) AS sst_per_token, ci(l2_ratio) AS l2_ratio, ci(ce_rec_seq) AS ce_rec_seq,
-        ci(l0) AS l0, ci(rate_bits) AS rate_bits
+        ci(l0) AS l0, ci(rate_bits) AS rate_bits, ci(rate_bits_set) AS rate_bits_set
     FROM stats WHERE b >= 0 GROUP BY sae_id
 ),
 alive AS (  -- over every position: the latents table's firing counts; else the codes at those positions
@@ -52,7 +53,8 @@ SELECT
     e.sst_per_token, i.sst_per_token[1] AS sst_per_token_lo, i.sst_per_token[2] AS sst_per_token_hi,
     e.l0, i.l0[1] AS l0_lo, i.l0[2] AS l0_hi,
     a.n_alive / s.d_sae AS alive,
-    e.rate_bits, i.rate_bits[1] AS rate_bits_lo, i.rate_bits[2] AS rate_bits_hi
+    e.rate_bits, i.rate_bits[1] AS rate_bits_lo, i.rate_bits[2] AS rate_bits_hi,
+    e.rate_bits_set, i.rate_bits_set[1] AS rate_bits_set_lo, i.rate_bits_set[2] AS rate_bits_set_hi
 FROM saes AS s
 JOIN stats AS e ON e.sae_id = s.sae_id AND e.b = -1
 LEFT JOIN intervals AS i ON i.sae_id = s.sae_id

@@ -325,19 +325,31 @@ def _sae_stats(run) -> pl.DataFrame:
     )
 
 
-def test_cross_sae_predictability_matches_numpy_lstsq(sweep_run):
+def test_cross_sae_predictability_is_eq13_squared_norms_without_intercept(sweep_run):
+    """Study 004 Eq. 13: ‖e_j‖² ≈ c·‖e_i‖² (one scalar, no intercept), checked against numpy's lstsq."""
     i, j = f"{HOOKS[0]}__k8_s0", f"{HOOKS[1]}__k32_s1"
     out = query(sweep_run, "cross_sae_predictability").filter((pl.col("sae_i") == i) & (pl.col("sae_j") == j))
     x, y = _frame(sweep_run, i), _frame(sweep_run, j)
     fit = x["seq"].to_numpy() % 2 == 0
-    xe, ye = x["err_norm"].to_numpy().astype(np.float64), y["err_norm"].to_numpy().astype(np.float64)
-    coef = np.linalg.lstsq(np.c_[xe[fit], np.ones(fit.sum())], ye[fit], rcond=None)[0]
-    pred = coef[0] * xe[~fit] + coef[1]
-    r2 = 1 - ((ye[~fit] - pred) ** 2).sum() / ((ye[~fit] - ye[~fit].mean()) ** 2).sum()
+    xe, ye = x["sse"].to_numpy().astype(np.float64), y["sse"].to_numpy().astype(np.float64)
+    (c,) = np.linalg.lstsq(xe[fit, None], ye[fit], rcond=None)[0]
+    r2 = 1 - ((ye[~fit] - c * xe[~fit]) ** 2).sum() / ((ye[~fit] - ye[~fit].mean()) ** 2).sum()
+    assert out["c"][0] == pytest.approx(c, rel=1e-6)
     assert out["heldout_r2"][0] == pytest.approx(r2, rel=1e-6)
     assert out["corr"][0] == pytest.approx(np.corrcoef(xe, ye)[0, 1], rel=1e-6)
     n_saes = rec.read_table(sweep_run, "saes").height
     assert query(sweep_run, "cross_sae_predictability").height == n_saes * (n_saes - 1)
+    # the earlier variant, by name: unsquared norms with an intercept
+    aff = query(sweep_run, "cross_sae_predictability", form="affine").filter(
+        (pl.col("sae_i") == i) & (pl.col("sae_j") == j)
+    )
+    xn, yn = x["err_norm"].to_numpy().astype(np.float64), y["err_norm"].to_numpy().astype(np.float64)
+    coef = np.linalg.lstsq(np.c_[xn[fit], np.ones(fit.sum())], yn[fit], rcond=None)[0]
+    pred = coef[0] * xn[~fit] + coef[1]
+    want = 1 - ((yn[~fit] - pred) ** 2).sum() / ((yn[~fit] - yn[~fit].mean()) ** 2).sum()
+    assert aff["heldout_r2"][0] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(UsageError, match="form must be eq13 or affine"):
+        query(sweep_run, "cross_sae_predictability", form="ols")
 
 
 def test_kl_gap_is_the_ratio_of_mean_kls(sweep_run):
@@ -389,8 +401,16 @@ def _joined(run) -> pl.DataFrame:
 
 
 def test_rate_distortion_matches_numpy_with_a_position_window(sweep_run):
-    out = query(sweep_run, "rate_distortion", min_pos=1, max_pos=5)
+    out = query(sweep_run, "rate_distortion", min_pos=1, max_pos=5, coder="sequence")
     t = _joined(sweep_run).filter(pl.col("pos").is_between(1, 5))
+    from math import lgamma, log
+
+    as_set = query(sweep_run, "rate_distortion", min_pos=1, max_pos=5)  # the default: the set coder
+    for row in as_set.iter_rows(named=True):
+        f = t.filter(pl.col("sae_id") == row["sae_id"])
+        log2_fact = np.array([lgamma(v + 1) / log(2) for v in f["l0"].to_numpy()])  # log₂(l0!) bits per token
+        assert row["coder"] == "set"
+        assert row["rate_bits"] == pytest.approx((f["rate_bits"].to_numpy() - log2_fact).mean(), rel=1e-5)
     assert out.height == rec.read_table(sweep_run, "saes").height
     for row in out.iter_rows(named=True):
         f = t.filter(pl.col("sae_id") == row["sae_id"])
@@ -478,24 +498,27 @@ def test_kl_gap_by_pos_pools_the_hooks_saes_per_bucket(sweep_run):
     assert out.height == n_cells == 3 * 3 * 3  # (m, hook 1), (m, hook 3), (n, hook 1) × baselines × buckets
 
 
-def test_kl_gap_tokens_ranks_tokens_by_gap_and_shows_their_text(sweep_run):
-    out = query(sweep_run, "kl_gap_tokens", baseline="samecos", min_count=30, top=3, min_pos=1)
+def test_kl_gap_tokens_is_gurnees_per_token_difference_per_sae(sweep_run):
+    """Study 001: gap = KL_sae − KL_baseline per occurrence, averaged per token id of one SAE (≥ min_count)."""
+    out = query(sweep_run, "kl_gap_tokens", baseline="samecos", min_count=5, top=3, min_pos=1)
     t = _joined(sweep_run).filter((pl.col("pos") >= 1) & pl.col("kl_patched").is_not_null())
     want = []
-    for (model, hook), g in t.group_by("model", "hook"):
+    for (sae_id, model), g in t.group_by("sae_id", "model"):
         rows = []
         for token in np.unique(g["token"].to_numpy()):
             sel = g["token"].to_numpy() == token
-            kl, kb = g["kl_patched"].to_numpy()[sel], g["kl_samecos"].to_numpy()[sel]
-            if sel.sum() >= 30:
-                rows.append((model, hook, int(token), VOCAB[model][token], int(sel.sum()), kl.mean() / kb.mean()))
-        want += sorted(rows, key=lambda r: -r[-1])[:3]
+            d = g["kl_patched"].to_numpy()[sel].astype(np.float64) - g["kl_samecos"].to_numpy()[sel]
+            if sel.sum() >= 5:
+                rows.append((sae_id, int(token), VOCAB[model][token], int(sel.sum()), d.mean(), d.std(ddof=1)))
+        want += sorted(rows, key=lambda r: (-r[4], r[1]))[:3]
     assert out.height == len(want) > 0 and set(out["baseline"]) == {"samecos"}
-    got = {(r["model"], r["hook"], r["token"]): r for r in out.iter_rows(named=True)}
-    for model, hook, token, text, n, gap in want:
-        row = got[(model, hook, token)]
+    got = {(r["sae_id"], r["token"]): r for r in out.iter_rows(named=True)}
+    for sae_id, token, text, n, gap, sd in want:
+        row = got[(sae_id, token)]
         assert (row["text"], row["n"]) == (text, n)
-        assert row["gap"] == pytest.approx(gap, rel=1e-6)
+        assert row["gap"] == pytest.approx(gap, rel=1e-5)
+        assert row["gap_sd"] == pytest.approx(sd, rel=1e-5)
+        assert row["gap_se"] == pytest.approx(sd / np.sqrt(n), rel=1e-5)
     assert query(sweep_run, "kl_gap_tokens", min_count=10**6).is_empty()  # every token is too rare
 
 

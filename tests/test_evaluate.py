@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from actstore import store as st
 from actstore.analytics import query
 from actstore.errors import StoreError, UsageError
-from actstore.metrics import baselines
+from actstore.metrics import baselines, partners
 from actstore.model import capture, load_model
 from actstore.patching import CleanDistribution, Patcher
 from actstore.run import SAESpec, read_table
@@ -120,6 +120,15 @@ def test_baselines_have_the_saes_error_norm_and_cosine():
         torch.nn.functional.cosine_similarity(x, p["samecos"], dim=-1), cos, rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(p["samecos"].norm(dim=-1), xh.norm(dim=-1))
+    # actdiff's direction is x_a − x_b of two other tokens (Lee & Heimersheim), never built from x itself
+    again = torch.Generator().manual_seed(0)
+    torch.randn(x.shape, generator=again)  # the isotropic draws come first
+    a, b = partners(len(x), again)
+    i = torch.arange(len(x))
+    assert (a != i).all() and (b != i).all() and (a != b).all()
+    want = (x[a] - x[b]) / (x[a] - x[b]).norm(dim=-1, keepdim=True)
+    got = (p["actdiff"] - x) / err[:, None]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_kl_and_ce_match_a_hand_computation_on_a_tiny_vocabulary():
@@ -289,7 +298,10 @@ def test_linear_probe_agrees_with_numpy_lstsq_and_splits_the_fvu():
     sst = ((x[~fit] - x[~fit].mean(0)) ** 2).sum()
     assert row["vector_r2"] == pytest.approx(r2_dims.mean(), rel=1e-3)
     assert row["fvu_nonlinear"] == pytest.approx((res**2).sum() / sst, rel=1e-3)
-    assert row["fvu_linear"] + row["fvu_nonlinear"] == pytest.approx(row["fvu"], rel=0.05)
+    fvu = (e[~fit] ** 2).sum() / sst
+    assert row["fvu_linear"] + row["fvu_nonlinear"] == pytest.approx(fvu, rel=1e-6)  # adds up on held-out data
+    assert row["fvu_linear"] == pytest.approx(fvu - (res**2).sum() / sst, rel=1e-3)  # 004: FVU − FVU_nonlinear
+    assert abs(row["fvu_linear"] - (lin**2).sum() / sst) > 1e-4  # the old ‖LinearError‖²/SST would not add up
     # ‖x‖² is quadratic in x: a linear probe explains part of it, never all
     y = (x**2).sum(1)
     cy = np.linalg.lstsq(np.c_[x[fit], np.ones(fit.sum())], y[fit], rcond=None)[0]
