@@ -31,7 +31,12 @@ def baselines(x: Tensor, xh: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
     diff = x[a] - x[b] if len(x) >= 3 else g
     diff = torch.where(diff.norm(dim=-1, keepdim=True) > EPS, diff, g)
     actdiff = x + e_norm * diff / diff.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    return {"eps": eps, "samecos": samecos, "actdiff": actdiff}
+    # Gurnee's shrinkage test (001): the clean direction at the SAE's norm, and the SAE's direction at the
+    # clean norm. If the SAE's damage were its norm change, sae_norm would match it and norm_corrected fix it.
+    x_norm, xh_norm = x.norm(dim=-1, keepdim=True), xh.norm(dim=-1, keepdim=True)
+    sae_norm = x * xh_norm / x_norm.clamp_min(EPS)
+    norm_corrected = xh * x_norm / xh_norm.clamp_min(EPS)
+    return {"eps": eps, "samecos": samecos, "actdiff": actdiff, "sae_norm": sae_norm, "norm_corrected": norm_corrected}
 
 
 def partners(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

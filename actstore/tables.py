@@ -20,6 +20,8 @@ BASELINES = {
     "eps": "ε-random, same L2 distance",
     "samecos": "random, same cosine",
     "actdiff": "activation difference",
+    "sae_norm": "x at the SAE's norm",
+    "norm_corrected": "x̂ at x's norm",
 }
 PATCHES = ("patched", "zero", *BASELINES)  # what eval patches besides the clean pass (`orig`)
 
@@ -191,6 +193,8 @@ TABLES: dict[str, Table] = {
             _cols("""
             hook VARCHAR hook of the SAE
             store VARCHAR eval store the probe was fitted on
+            min_pos INTEGER first position the probe was fitted and scored on
+            split VARCHAR which tokens fit and which score
             n_fit BIGINT tokens the probe was fitted on (even sequences)
             n_test BIGINT held-out tokens (odd sequences)
             vector_r2 DOUBLE held-out R² of x → e, mean over dimensions

@@ -1,11 +1,11 @@
 -- darkmatter: how much of each SAE's error a linear map of x predicts (Engels et al.; `actstore darkmatter`).
 -- Reads: darkmatter, saes.
 -- vector_r2: held-out R² of the linear error probe x → e (mean over dimensions). fvu = fvu_linear +
---   fvu_nonlinear (+ a small cross term on held-out data): the SAE's FVU split into the part a linear
---   probe recovers and the rest. norm_r2_*: held-out R² of predicting ‖e‖², ‖x‖², ‖x̂‖², ‖nonlinear e‖²
+--   fvu_nonlinear (004 Fig. 1: fvu_linear = fvu − fvu_nonlinear): the SAE's FVU split into the part a
+--   linear probe recovers and the rest. min_pos and split say which tokens fit and scored the probe. norm_r2_*: held-out R² of predicting ‖e‖², ‖x‖², ‖x̂‖², ‖nonlinear e‖²
 --   from x.
 SELECT s.model, s.layer, s.hook, s.k, d.vector_r2, d.fvu, d.fvu_linear, d.fvu_nonlinear,
-    d.norm_r2_err, d.norm_r2_x, d.norm_r2_recon, d.norm_r2_nonlinear, d.n_fit, d.n_test, d.sae_id
+    d.norm_r2_err, d.norm_r2_x, d.norm_r2_recon, d.norm_r2_nonlinear, d.n_fit, d.n_test, d.min_pos, d.split, d.sae_id
 FROM darkmatter AS d
 JOIN saes AS s USING (sae_id)
 ORDER BY s.model, s.layer, s.hook, s.k;

@@ -2,7 +2,8 @@
 -- Reads: tokens, saes.
 -- gap = mean KL under the SAE / mean KL under the baseline (docs/METHODS.md), for every baseline eval
 --   wrote (baseline_kl in _macros.sql): eps (isotropic at the same L2 distance), samecos (random with
---   the SAE's cosine), actdiff (direction of a real activation difference). Per-token view: p10/p50/p90 of kl_sae/kl_baseline over tokens with kl_baseline > 0, and
+--   the SAE's cosine), actdiff (direction of a real activation difference), and study 001's shrinkage test:
+--   sae_norm (x rescaled to ‖x̂‖) and norm_corrected (x̂ rescaled to ‖x‖). Per-token view: p10/p50/p90 of kl_sae/kl_baseline over tokens with kl_baseline > 0, and
 --   the share of tokens where the SAE is worse. A gap above 1: the SAE's errors point where it hurts.
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);        -- first position counted
 SET VARIABLE max_pos = coalesce(getvariable('max_pos'), 1000000);  -- last position counted

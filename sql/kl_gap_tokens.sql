@@ -6,7 +6,7 @@
 --   Tokens seen fewer than min_count times are skipped (001: at least 5). A mean gap can be negative.
 SET VARIABLE min_count = coalesce(getvariable('min_count'), 5);   -- fewest occurrences counted
 SET VARIABLE top = coalesce(getvariable('top'), 20);              -- rows per SAE
-SET VARIABLE baseline = coalesce(getvariable('baseline'), 'eps'); -- a baseline of kl_gap (eps, samecos, actdiff)
+SET VARIABLE baseline = coalesce(getvariable('baseline'), 'eps'); -- a baseline of kl_gap (eps, samecos, actdiff, sae_norm, norm_corrected)
 SET VARIABLE min_pos = coalesce(getvariable('min_pos'), 0);       -- first position counted
 
 WITH long AS (FROM baseline_kl() WHERE pos >= getvariable('min_pos') AND baseline = getvariable('baseline')),

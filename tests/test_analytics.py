@@ -142,6 +142,8 @@ def _extras(sae_id: str, t: pl.DataFrame, codes: pl.DataFrame) -> dict[str, pl.D
         {
             "hook": [sae_id.split("__")[0].removeprefix("n_")],
             "store": ["s.zarr"],
+            "min_pos": [0],
+            "split": ["even sequences fit, odd sequences score"],
             "n_fit": [t.height // 2],
             "n_test": [t.height // 2],
             **{c: rng.uniform(0, 1, 1) for c in (*scores, "norm_r2_nonlinear")},

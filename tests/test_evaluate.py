@@ -120,6 +120,11 @@ def test_baselines_have_the_saes_error_norm_and_cosine():
         torch.nn.functional.cosine_similarity(x, p["samecos"], dim=-1), cos, rtol=1e-5, atol=1e-5
     )
     torch.testing.assert_close(p["samecos"].norm(dim=-1), xh.norm(dim=-1))
+    # the shrinkage test's substitutions (001): x at the SAE's norm, and x̂ at x's norm, directions kept
+    torch.testing.assert_close(p["sae_norm"].norm(dim=-1), xh.norm(dim=-1))
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(p["sae_norm"], x, dim=-1), torch.ones(500))
+    torch.testing.assert_close(p["norm_corrected"].norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(p["norm_corrected"], xh, dim=-1), torch.ones(500))
     # actdiff's direction is x_a − x_b of two other tokens (Lee & Heimersheim), never built from x itself
     again = torch.Generator().manual_seed(0)
     torch.randn(x.shape, generator=again)  # the isotropic draws come first
@@ -261,6 +266,13 @@ def test_darkmatter_fits_probes_and_patches_the_held_out_sequences(evaluated, tm
     assert joined["ce_linear"].mean() < joined["ce_patched"].mean() + 1e-3
     dm = query(run, "darkmatter_patch")
     assert dm.height == 2 and dm["closed_linear"].is_not_null().all()
+    # a position filter (004 fits past position 200): fewer tokens, recorded with the split
+    late = darkmatter(run, DarkmatterOptions(batch_size=4, min_pos=8))
+    seq_len = int(zarr.open_group(store, mode="r")["tokens"].shape[1])
+    assert (late["n_fit"] + late["n_test"] == n_seq * (seq_len - 8)).all()
+    assert (late["min_pos"] == 8).all() and query(run, "darkmatter")["min_pos"].to_list() == [8, 8]
+    with pytest.raises(UsageError, match="leaves no position"):
+        darkmatter(run, DarkmatterOptions(min_pos=seq_len))
 
 
 def test_a_zero_probe_patches_exactly_the_saes_reconstruction(evaluated):

@@ -87,6 +87,10 @@ class DarkmatterOptions:
     """Which evaluated sequences the probes use, and how the patches run."""
 
     max_seqs: int | None = option(None, "Use only the first N evaluated sequences (at least 2: even fit, odd score).")
+    min_pos: int = option(
+        0,
+        "Fit and score the probes on positions ≥ this only (study 004: > 200 of 1,024, past the early-position outliers).",
+    )
     batch_size: int = option(16, "Sequences per forward pass of the patches.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
     compute_dtype: str = option("float32", "Dtype the model runs in.", choices=tuple(COMPUTE_DTYPES))
@@ -94,6 +98,7 @@ class DarkmatterOptions:
     def __post_init__(self) -> None:
         positive("max_seqs", self.max_seqs, allow_none=True, minimum=2)
         positive("batch_size", self.batch_size)
+        positive("min_pos", self.min_pos, minimum=0)
         check_runtime(self.device, self.compute_dtype)
 
 
@@ -121,8 +126,12 @@ def darkmatter(
         n_seq = min(int(sae["n_seq"]), options.max_seqs or int(sae["n_seq"]))
         if n_seq < 2:
             raise UsageError(f"{sae_id} was evaluated on {n_seq} sequence; dark matter needs at least 2 (fit/test)")
-        x = st.read_acts(group, hook, slice(0, n_seq))
-        xh = read_recon(group, hook, sae_id, slice(0, n_seq))
+        if options.min_pos >= int(group["tokens"].shape[1]):
+            raise UsageError(
+                f"--min-pos {options.min_pos} leaves no position of {sae['store']} (sequences of {group['tokens'].shape[1]})"
+            )
+        x = st.read_acts(group, hook, slice(0, n_seq))[:, options.min_pos :]
+        xh = read_recon(group, hook, sae_id, slice(0, n_seq))[:, options.min_pos :]
         seq_len, d = x.shape[1], x.shape[2]
         fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
         row, w = analyse(x.reshape(-1, d), xh.reshape(-1, d), fit)
@@ -140,7 +149,8 @@ def darkmatter(
             group, models[name], load_eval_sae(sae["path"], sae_id).to(options.device), (probe_w, probe_b),
             range(1, n_seq, 2), sae["patch_pos"], options, progress,
         )  # fmt: skip
-        frame = pl.DataFrame([{"hook": hook, "store": sae["store"], **row, "probe": str(probe)}])
+        split = {"min_pos": options.min_pos, "split": "even sequences fit, odd sequences score"}
+        frame = pl.DataFrame([{"hook": hook, "store": sae["store"], **split, **row, "probe": str(probe)}])
         rundir.write_tables(
             run, sae_id, {"darkmatter": frame, "darkmatter_tokens": patched.with_columns(store=pl.lit(sae["store"]))}
         )
