@@ -380,6 +380,80 @@ def test_training_report_averages_the_last_logged_rows_and_counts_dead_latents(s
     assert out["n_eval_tokens"] == N_SEQ * SEQ_LEN
 
 
+def test_kl_distribution_percentiles_match_numpy(sweep_run):
+    """Study 001's tails: per SAE and patch, KL and ΔCE percentiles to 99.9 (numpy's linear interpolation)."""
+    sae = f"{HOOKS[1]}__k8_s1"
+    out = query(sweep_run, "kl_distribution", min_pos=1).filter(pl.col("sae_id") == sae)
+    t = _frame(sweep_run, sae).filter(pl.col("pos") >= 1)
+    assert set(out["patch"]) == {"patched", "zero", "eps", "samecos", "actdiff"}  # the patches this fixture has
+    q = [50, 90, 99, 99.9]
+    row = out.filter(pl.col("patch") == "patched").row(0, named=True)
+    kl = t["kl_patched"].drop_nulls().to_numpy().astype(np.float64)
+    assert row["n_tokens"] == len(kl)
+    want = np.percentile(kl, q)
+    got = [row[c] for c in ("kl_p50", "kl_p90", "kl_p99", "kl_p999")]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    both = t.drop_nulls("ce_orig")
+    d = both["ce_patched"].to_numpy().astype(np.float64) - both["ce_orig"].to_numpy()
+    np.testing.assert_allclose(
+        [row[c] for c in ("d_ce_p50", "d_ce_p90", "d_ce_p99", "d_ce_p999")], np.percentile(d, q), rtol=1e-4
+    )
+    assert row["d_ce_mean"] == pytest.approx(d.mean(), rel=1e-5)
+    assert row["share_ce_better"] == pytest.approx((d < 0).mean())
+
+
+def test_kl_gap_correlations_match_numpy_corrcoef(sweep_run):
+    """Study 001: the per-token gap (kl_sae − kl_eps) against another layer's, cos, L0 and token frequency."""
+    i, j = f"{HOOKS[0]}__k16_s0", f"{HOOKS[1]}__k16_s0"
+    out = query(sweep_run, "kl_gap_correlations", min_count=5).filter(pl.col("sae_id") == i)
+    a, b = _frame(sweep_run, i), _frame(sweep_run, j)
+    gap_a = a["kl_patched"].to_numpy().astype(np.float64) - a["kl_eps"].to_numpy()
+    gap_b = b["kl_patched"].to_numpy().astype(np.float64) - b["kl_eps"].to_numpy()
+    ok = ~np.isnan(gap_a) & ~np.isnan(gap_b)
+    row = out.filter((pl.col("against") == "sae") & (pl.col("other_sae") == j)).row(0, named=True)
+    assert row["corr"] == pytest.approx(np.corrcoef(gap_a[ok], gap_b[ok])[0, 1], rel=1e-5)
+    assert row["n"] == ok.sum() and row["other_layer"] == 3
+    keep = ~np.isnan(gap_a)
+    for col in ("cos", "l0"):
+        got = out.filter(pl.col("against") == col)["corr"][0]
+        assert got == pytest.approx(np.corrcoef(gap_a[keep], a[col].to_numpy()[keep])[0, 1], rel=1e-5)
+    tokens = a["token"].to_numpy()[keep]
+    ids = [t for t in np.unique(tokens) if (tokens == t).sum() >= 5]
+    means = [gap_a[keep][tokens == t].mean() for t in ids]
+    freq = [(tokens == t).sum() for t in ids]
+    got = out.filter(pl.col("against") == "frequency").row(0, named=True)
+    assert got["n"] == len(ids) and got["corr"] == pytest.approx(np.corrcoef(means, freq)[0, 1], rel=1e-5)
+    n_saes = rec.read_table(sweep_run, "saes").height
+    assert out.filter(pl.col("against") == "sae").height == n_saes - 1
+
+
+def test_norm_baselines_are_held_out_fits_of_the_error_norm(sweep_run):
+    """Study 004 A.3: ‖e‖ from token identity, [l0, 1], [‖x‖, 1], [CE, 1]; fit on even sequences, R² on odd."""
+    sae = f"{HOOKS[0]}__k32_s1"
+    out = query(sweep_run, "norm_baselines").filter(pl.col("sae_id") == sae)
+    t = _frame(sweep_run, sae)
+    fit = t["seq"].to_numpy() % 2 == 0
+    y = t["err_norm"].to_numpy().astype(np.float64)
+
+    def r2(pred, keep):
+        yt = y[keep & ~fit]
+        return 1 - ((yt - pred[keep & ~fit]) ** 2).sum() / ((yt - yt.mean()) ** 2).sum()
+
+    for name, col in (("l0", "l0"), ("x_norm", "x_norm"), ("ce", "ce_orig")):
+        v = t[col].to_numpy().astype(np.float64)
+        keep = ~np.isnan(v)
+        a, b = np.polyfit(v[keep & fit], y[keep & fit], 1)
+        row = out.filter(pl.col("predictor") == name).row(0, named=True)
+        assert row["heldout_r2"] == pytest.approx(r2(a * v + b, keep), rel=1e-5, abs=1e-9), name
+        assert row["n_test"] == (keep & ~fit).sum()
+    tok = t["token"].to_numpy()
+    means = {k: y[fit & (tok == k)].mean() for k in np.unique(tok[fit])}
+    pred = np.array([means.get(k, y[fit].mean()) for k in tok])
+    ident = out.filter(pl.col("predictor") == "token").row(0, named=True)
+    assert ident["heldout_r2"] == pytest.approx(r2(pred, np.ones_like(fit)), rel=1e-5, abs=1e-9)
+    assert out["probe_r2_err_sq"].is_not_null().all()  # the darkmatter probe's, beside them
+
+
 def test_every_named_query_documents_itself_and_runs(sweep_run):
     queries = named_queries()
     assert {"summary", "delta", "corr_r2_ce", "kstar", "rate_distortion", "kl_gap", "cross_sae_predictability"} <= set(
