@@ -19,7 +19,7 @@ import polars as pl
 
 from actstore import run as rundir
 from actstore.errors import UsageError
-from actstore.tables import TABLES, empty_view_sql
+from actstore.tables import TABLES, empty_view_sql, views
 from actstore.units import parse_count
 
 _PARAM = re.compile(r"^SET VARIABLE (\w+) = coalesce\(getvariable\('(\w+)'\), (.+)\);\s*(?:--\s*(.*))?$", re.M)
@@ -51,16 +51,17 @@ def setup_statements(root: Path) -> list[str]:
     so a query reads it in a branch a parameter switches off), then the shared macros. `connect` and the
     duckdb shell both run it."""
     statements = []
-    for table in TABLES:  # partition keys stay text: a hash or an sae_id of digits is not a number
+    for view, table, where in views():  # partition keys stay text: a hash or an sae_id of digits is not a number
         parts = rundir.part_files(root, table)
         if parts:
             listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
             statements.append(  # union_by_name: files written by an older schema may lack newer columns
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
-                f"hive_types = {{'{TABLES[table].partition}': VARCHAR}}, union_by_name = true);"
+                f"CREATE VIEW {view} AS SELECT * FROM read_parquet([{listed}], hive_partitioning = true, "
+                f"hive_types = {{'{TABLES[table].partition}': VARCHAR}}, union_by_name = true)"
+                + (f" WHERE {where};" if where else ";")
             )
         else:
-            statements.append(f"CREATE VIEW {table} AS {empty_view_sql(table)};")
+            statements.append(f"CREATE VIEW {view} AS {empty_view_sql(table)};")
     statements.append(macros())
     return statements
 

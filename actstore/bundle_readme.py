@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from actstore import __version__
-from actstore.tables import SCHEMA_VERSION, TABLES, empty_view_sql
+from actstore.tables import SCHEMA_VERSION, TABLES, empty_view_sql, views
 
 INTRO = """# actstore bundle of `{name}`
 
@@ -107,11 +107,12 @@ def views_sql(tables: dict[str, dict[str, Any]], macros: str) -> str:
         "-- `duckdb -init views.sql`, then `.read sql/<name>.sql` (README.md lists the queries).",
         "-- Paths are relative to this directory; a table the bundle lacks is an empty view with its columns.",
     ]
-    for table in [*TABLES, *(t for t in tables if t not in TABLES)]:
+    for view, table, where in [*views(), *((t, t, None) for t in tables if t not in TABLES)]:
         if table in tables:
             body = f"SELECT * FROM read_parquet('{tables[table]['glob']}', {read_options(tables[table]['keys'])})"
+            body += f" WHERE {where}" if where else ""
         else:
             body = empty_view_sql(table)
-        lines.append(f'CREATE OR REPLACE VIEW "{table}" AS {body};')
+        lines.append(f'CREATE OR REPLACE VIEW "{view}" AS {body};')
     lines += ["", "-- The shared macros of the named queries (sql/_macros.sql, included here).", macros]
     return "\n".join(lines)

@@ -192,6 +192,20 @@ def plot_error_predictability(df: pl.DataFrame) -> Figure:
     return fig
 
 
+def plot_eps_zscores(df: pl.DataFrame) -> Figure:
+    panels = pt.by_panel(df)
+    fig, axes = pt.grid(len(panels), 3)
+    colors = pt.k_colors(df["k"])
+    for ax, (title, part) in zip(axes, panels, strict=True):
+        for (_, k), s in part.group_by(["sae_id", "k"], maintain_order=True):
+            label = f"{pt.k_label(k)}: median z {s['z_median'][0]:.1f}"
+            ax.step(s["z_from"], s["share"], where="post", color=colors[k], label=label)
+        ax.axvline(0, color="grey", ls="--", lw=1)
+        ax.set(title=title, xlabel="z of the SAE's KL among ε-random draws (SDs)", ylabel="share of tokens")
+        ax.legend(fontsize=7)
+    return fig
+
+
 # ---- the report's figures: which function draws which query, and what healthy looks like ---------------
 
 
@@ -269,6 +283,14 @@ FIGURES = [
         plot=plot_kl_gap_by_pos,
         what="KL gap (Σ KL under the SAE / Σ KL under the baseline) by position, pooling a hook's SAEs, per baseline.",
         healthy="Healthy: flat in position; a jump at the first positions means short contexts drive the headline gap.",
+    ),
+    FigureSpec(
+        name="eps_zscores",
+        title="How pathological: z-scores among ε-random draws",
+        query="eps_zscore_hist",
+        plot=plot_eps_zscores,
+        what="Per token at eval's --patch-pos, the SAE's KL in SDs above N ε-random errors of its size (eval --eps-draws N).",
+        healthy="Healthy: centred near 0 like one more draw; a long right tail means some reconstructions are very bad.",
     ),
     FigureSpec(
         name="participation_ratio",

@@ -49,7 +49,16 @@ class Patcher:
 
         return self.model.bridge.run_with_hooks(tokens, fwd_hooks=[(self.hook, swap)])
 
-    def _suffix(self, resid: Tensor) -> Tensor:
+    @torch.inference_mode()
+    def logits_at(self, tokens: Tensor, replacement: Tensor, pos: int) -> Tensor:
+        """The logits at position `pos` only, (n, d_vocab): causal attention makes later positions
+        irrelevant, so callers pass the tokens and replacement cut after `pos`; the direct path then
+        unembeds that one position."""
+        if self.start is not None:
+            return self._suffix(replacement, pos)[:, 0]
+        return self.logits(tokens, replacement)[:, pos]
+
+    def _suffix(self, resid: Tensor, only_pos: int | None = None) -> Tensor:
         bridge = self.model.bridge
         h = resid.to(next(bridge.parameters()).dtype)
         n, t = h.shape[:2]
@@ -59,6 +68,8 @@ class Patcher:
         for block in bridge.blocks[self.start :]:
             out = block(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
             h = out[0] if isinstance(out, tuple) else out
+        if only_pos is not None:
+            h = h[:, only_pos : only_pos + 1]
         return bridge.unembed(bridge.ln_final(h))
 
     @torch.inference_mode()

@@ -7,7 +7,8 @@ and a collaborator's tools read it too. The layout:
     RUN/saes/<sae_id>/                            cfg.json, sae_weights.safetensors, fire_counts.safetensors
     RUN/checkpoints/<hook>.pt                     a sweep in progress (train)
     RUN/darkmatter/<sae_id>/probe.safetensors     the linear error probe (darkmatter)
-    RUN/records/<table>/<key>=<value>/part-0.parquet   the records tables (actstore/tables.py)
+    RUN/records/<table>/<key>=<value>/part-<part>.parquet   the records tables (actstore/tables.py); part 0,
+                                                  or pos<P> for an eval patching position P only (kept beside it)
     RUN/report/                                   report.md, report.html, figures/
 
 `sae_id` = `<hook>__k<k>_x<expansion>_<tokens>[_lr<lr>]_s<seed>` (tokens written like 1M or 250k; the
@@ -17,7 +18,9 @@ learning rate only when it was given, not the default recipe's) is built and par
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +105,10 @@ def table_dir(run: str | Path, table: str) -> Path:
     return records_dir(run) / table
 
 
-def part_path(run: str | Path, table: str, key: str) -> Path:
-    """The one Parquet file of partition `key` (an sae_id, or a hash key) of `table`."""
-    return table_dir(run, table) / f"{TABLES[table].partition}={key}" / "part-0.parquet"
+def part_path(run: str | Path, table: str, key: str, part: str = "0") -> Path:
+    """The Parquet file `part` of partition `key` (an sae_id, or a hash key) of `table`: part 0 holds the
+    every-position evaluation, part pos<P> a single-position one, so a run keeps both side by side."""
+    return table_dir(run, table) / f"{TABLES[table].partition}={key}" / f"part-{part}.parquet"
 
 
 def hash_key(text: str) -> str:
@@ -114,7 +118,7 @@ def hash_key(text: str) -> str:
 
 def part_files(run: str | Path, table: str) -> list[Path]:
     """A table's committed files (never a staging directory left by a killed write)."""
-    found = table_dir(run, table).glob("*=*/part-0.parquet")
+    found = table_dir(run, table).glob("*=*/part-*.parquet")
     return sorted(p for p in found if not atomic.is_staging(p.parent.name))
 
 
@@ -132,15 +136,28 @@ def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_tables(run: str | Path, key: str, frames: dict[str, pl.DataFrame]) -> None:
-    """Replace partition `key` of each table together: all written aside, then renamed into place."""
+def write_tables(run: str | Path, key: str, frames: dict[str, pl.DataFrame], part: str = "0") -> None:
+    """Replace file `part` of partition `key` of each table together: all written aside, then renamed into
+    place. The partition's other parts (another evaluation mode) are carried over unchanged."""
     finals = [part_path(run, table, key).parent for table in frames]
+    name = part_path(run, "saes", key, part).name
     with atomic.replacing(*finals) as stages:
-        for stage, (table, frame) in zip(stages, frames.items(), strict=True):
+        for stage, final, (table, frame) in zip(stages, finals, frames.items(), strict=True):
             stage.mkdir(parents=True)
+            for other in final.glob("part-*.parquet") if final.is_dir() else ():
+                if other.name != name:
+                    _carry(other, stage / other.name)
             conform(table, frame).write_parquet(
-                stage / "part-0.parquet", compression="zstd", metadata={"actstore_schema": SCHEMA_VERSION}
+                stage / name, compression="zstd", metadata={"actstore_schema": SCHEMA_VERSION}
             )
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows (files are never rewritten in place), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def read_table(run: str | Path, table: str) -> pl.DataFrame:

@@ -108,6 +108,7 @@ TABLES: dict[str, Table] = {
             _cols(
                 TOKEN_KEY
                 + """
+            patch_pos SMALLINT the only patched position (NULL: every position); SQL's tokens view holds NULL, tokens_single the rest
             token INTEGER token id at pos
             next_token INTEGER token id at pos + 1 (-1 at the last position)
             x_norm FLOAT ‖x‖
@@ -124,6 +125,40 @@ TABLES: dict[str, Table] = {
                 + _patch_columns()
             ),
             "eval",
+        ),
+        Table(
+            "eps_zscores",
+            "one row per (SAE, eval sequence) at eval's --patch-pos P, with --eps-draws N",
+            "sae_id",
+            _cols(
+                TOKEN_KEY
+                + """
+            n_draws INTEGER ε-random draws at this token
+            err_norm FLOAT ‖e‖ at P: the norm of every draw's error
+            kl_sae FLOAT KL(P_clean ‖ Q) at P with the SAE's x̂ at P alone
+            ce_sae FLOAT cross-entropy at P with the SAE's x̂ at P alone
+            kl_mean DOUBLE mean KL at P over the draws
+            kl_sd DOUBLE sample standard deviation (ddof 1) of the draws' KL
+            z DOUBLE (kl_sae − kl_mean) / kl_sd: how many SDs the SAE sits above random errors of its size
+            share_above DOUBLE share of draws with KL ≥ kl_sae
+            ce_mean DOUBLE mean cross-entropy at P over the draws
+        """
+            ),
+            "`actstore eval EVAL_STORE --run RUN --patch-pos P --eps-draws N`",
+        ),
+        Table(
+            "eps_draws",
+            "one row per (SAE, eval sequence, ε-random draw) at eval's --patch-pos P",
+            "sae_id",
+            _cols(
+                TOKEN_KEY
+                + """
+            draw INTEGER index of the draw (the same directions for every SAE: paired)
+            kl FLOAT KL(P_clean ‖ Q) at P with the draw at P alone
+            ce FLOAT cross-entropy at P with the draw at P alone
+        """
+            ),
+            "`actstore eval EVAL_STORE --run RUN --patch-pos P --eps-draws N`",
         ),
         Table(
             "codes",
@@ -269,6 +304,24 @@ TABLES: dict[str, Table] = {
         ),
     )
 }
+
+
+# The SQL views over the tables' files, where they differ from "one view per table, every row": the
+# every-position and single-position evaluations share the tokens table's files (a patch_pos key) and are
+# read as two views, so no query mixes them by accident.
+VIEWS: dict[str, tuple[str, str]] = {
+    "tokens": ("tokens", "patch_pos IS NULL"),
+    "tokens_single": ("tokens", "patch_pos IS NOT NULL"),
+}
+
+
+def views() -> list[tuple[str, str, str | None]]:
+    """(view, table, row filter) of every SQL view: one per table, tokens split by its evaluation mode."""
+    out: list[tuple[str, str, str | None]] = []
+    for table in TABLES:
+        found = [(v, t, f) for v, (t, f) in VIEWS.items() if t == table]
+        out += found or [(table, table, None)]
+    return out
 
 
 def polars_schema(table: str) -> dict:

@@ -19,7 +19,11 @@ final AS (
 ),
 eval_dead AS (
     SELECT l.sae_id, count(*) FILTER (WHERE l.fires = 0) AS never_fired_eval, any_value(e.n_tokens) AS n_eval_tokens
-    FROM latents AS l LEFT JOIN evals AS e USING (sae_id) GROUP BY l.sae_id
+    FROM latents AS l
+    LEFT JOIN (  -- one evaluation per SAE: the every-position one when a single-position one sits beside it
+        SELECT sae_id, arg_min(n_tokens, coalesce(patch_pos, -1)) AS n_tokens FROM evals GROUP BY sae_id
+    ) AS e USING (sae_id)
+    GROUP BY l.sae_id
 )
 SELECT s.sae_id, s.model, s.hook, s.layer, s.d_model, s.d_sae, s.k, s.expansion, s.train_tokens, s.seed, s.lr,
     f.steps, coalesce(s.train_seconds, f.seconds) AS wall_seconds,

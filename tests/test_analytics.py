@@ -225,6 +225,14 @@ def sweep_run(tmp_path_factory):
             sae, frame = f"{BUDGET_HOOK}__k8_t{tokens}_s{seed}", _tokens(rng, quality)
             _write_sae(run, sae, BUDGET_HOOK, 8, seed, frame, tokens=tokens, rng=rng, extras=True)
     _positions_at_the_mean(run, (*HOOKS, BUDGET_HOOK))
+    single = f"{HOOKS[0]}__k8_s0"  # eval --patch-pos 3 --eps-draws 50 beside its every-position records
+    rec.write_tables(run, single, {"tokens": _frame(run, single).drop("sae_id").with_columns(patch_pos=3)}, part="pos3")
+    kl = rng.gamma(2.0, 0.01, (2, N_SEQ))
+    z = pl.DataFrame(
+        {"store": "s.zarr", "seq": np.arange(N_SEQ), "pos": 3, "n_draws": 50, "z": rng.normal(1, 2, N_SEQ)}
+    )
+    z = z.with_columns(kl_sae=kl[0], kl_mean=kl[1], share_above=rng.uniform(0, 1, N_SEQ))
+    rec.write_tables(run, single, {"eps_zscores": z}, part="pos3")
     layer_rng = np.random.default_rng(11)
     for model, (store, hooks) in LAYER_STORES.items():
         rows = _layer_rows(model, store, hooks, layer_rng)
@@ -243,8 +251,15 @@ def _positions_at_the_mean(run, hooks, store="s.zarr", d=16):
         rec.write_tables(run, rec.hash_key(f"{store}\n{hook}"), {"positions": rows})
 
 
+def _every(run) -> pl.DataFrame:
+    """The every-position token records (a single-position evaluation sits beside them in the same table)."""
+    return rec.read_table(run, "tokens").filter(pl.col("patch_pos").is_null())
+
+
 def _frame(run, sae_id):
-    return rec.read_table(run, "tokens").filter(pl.col("sae_id") == sae_id).sort("seq", "pos")
+    """An SAE's every-position records (the SQL `tokens` view's rows)."""
+    every = pl.col("patch_pos").is_null()
+    return rec.read_table(run, "tokens").filter((pl.col("sae_id") == sae_id) & every).sort("seq", "pos")
 
 
 def _per_seq(df: pl.DataFrame, cols: list[str]) -> np.ndarray:
@@ -319,7 +334,7 @@ def test_bootstrap_is_seeded_and_skips_saes_on_other_sequences(sweep_run, tmp_pa
 
 
 def _sae_stats(run) -> pl.DataFrame:
-    t = rec.read_table(run, "tokens").join(rec.read_table(run, "saes"), on="sae_id")
+    t = _every(run).join(rec.read_table(run, "saes"), on="sae_id")
     t = t.with_columns(pl.col(pl.Float32).cast(pl.Float64))
     return t.group_by("sae_id", "model", "hook", "k", "seed").agg(
         (1 - pl.col("sse").sum() / pl.col("sst").sum()).alias("r2"),
@@ -463,6 +478,10 @@ def test_every_named_query_documents_itself_and_runs(sweep_run):
     assert {"darkmatter", "darkmatter_patch"} <= set(queries)
     for q in queries.values():  # the fixture has every table: no query is skipped, none comes back empty
         assert q.purpose and q.reads, q.name
+        if q.name == "width_scaling":  # one width per group here: its own tests build width sweeps
+            with pytest.raises(UsageError, match="at least 3 widths"):
+                query(sweep_run, q.name)
+            continue
         out = query(sweep_run, q.name, **({"n_boot": 20} if "n_boot" in q.params else {}))
         assert out.height > 0, q.name
         # a column that is NULL on every row is a join or a view that matched nothing
@@ -472,7 +491,7 @@ def test_every_named_query_documents_itself_and_runs(sweep_run):
 
 def _joined(run) -> pl.DataFrame:
     """Every token record with its SAE's row, floats widened to float64 (the reference's precision)."""
-    t = rec.read_table(run, "tokens").join(rec.read_table(run, "saes"), on="sae_id")
+    t = _every(run).join(rec.read_table(run, "saes"), on="sae_id")
     return t.with_columns(pl.col(pl.Float32).cast(pl.Float64))
 
 
@@ -663,7 +682,7 @@ def test_sql_cli_lists_queries_runs_them_and_writes_files(sweep_run, tmp_path):
     adhoc = runner.invoke(
         main, ["sql", sweep_run, "SELECT count(*) AS n FROM tokens", "--format", "parquet", "--out", str(out)]
     )
-    assert adhoc.exit_code == 0 and pl.read_parquet(out)["n"][0] == rec.read_table(sweep_run, "tokens").height
+    assert adhoc.exit_code == 0 and pl.read_parquet(out)["n"][0] == _every(sweep_run).height
     bad = runner.invoke(main, ["sql", sweep_run, "--query", "nope"])
     assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "there are:" in bad.output
 
@@ -713,10 +732,7 @@ def test_records_of_an_older_schema_and_runs_without_tokens_still_answer(sweep_r
     sae = f"{HOOKS[0]}__k8_s0"
     t = _frame(run, sae).drop("sae_id", "rate_bits")  # a file written before rate_bits existed
     t.write_parquet(rec.part_path(run, "tokens", sae))
-    assert (
-        sql(run, "SELECT count(rate_bits) AS n FROM tokens")["n"][0]
-        == rec.read_table(sweep_run, "tokens").height - t.height
-    )
+    assert sql(run, "SELECT count(rate_bits) AS n FROM tokens")["n"][0] == _every(sweep_run).height - t.height
     assert query(run, "summary", n_boot=10).height == rec.read_table(run, "saes").height
     curves_only = tmp_path / "curves_only"
     rec.write_tables(curves_only, "x", {"curves": pl.DataFrame({"step": [1, 2], "mse": [0.5, 0.4]})})
@@ -731,7 +747,7 @@ def test_lr_sweep_marks_the_rate_with_the_lowest_held_out_fvu(sweep_run, tmp_pat
     run = str(tmp_path / "run")
     shutil.copytree(sweep_run, run)
     base = rec.read_table(run, "saes").row(0, named=True)
-    tokens = rec.read_table(run, "tokens").filter(pl.col("sae_id") == base["sae_id"]).drop("sae_id")
+    tokens = _every(run).filter(pl.col("sae_id") == base["sae_id"]).drop("sae_id")
     rates = {3e-3: 0.5, 1e-2: 0.8, 3e-2: 1.2}  # each rate's error scale; the base SAE is lr 1e-3, scale 1
     for lr, scale in rates.items():
         sae_id = f"{base['sae_id']}_lr{lr:g}"

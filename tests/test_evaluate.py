@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from actstore import store as st
 from actstore.analytics import query
+from actstore.analytics import sql as query_sql
 from actstore.errors import StoreError, UsageError
 from actstore.metrics import baselines, partners
 from actstore.model import capture, load_model
@@ -331,3 +332,94 @@ def test_eval_writes_the_text_of_every_token_it_saw(evaluated):
     assert all(row["text"] == tok.decode([row["token"]]) for row in vocab.iter_rows(named=True))
     top = query(run, "kl_gap_tokens", min_count=1)
     assert top.height > 0 and top["text"].null_count() == 0
+
+
+@pytest.fixture(scope="module")
+def drawn(evaluated, tmp_path_factory):
+    """The every-position run, plus a single-position evaluation with 6 ε-random draws at position 20."""
+    store, run0 = evaluated
+    run = str(tmp_path_factory.mktemp("draws") / "run")
+    shutil.copytree(run0, run)
+    sae_dir = sorted((__import__("pathlib").Path(run) / "saes").iterdir())[0]
+    evaluate(store, run, [str(sae_dir)], EvalOptions(batch_size=3, max_seqs=4, patch_pos=20, eps_draws=6, seed=3))
+    return store, run, sae_dir
+
+
+def test_eps_draws_match_a_full_forward_and_numpy_z_scores(drawn):
+    from actstore.draws import draw_generator, eps_at
+
+    store, run, sae_dir = drawn
+    sae = load_eval_sae(str(sae_dir))
+    model = load_model("tiny")
+    group = st.open_store(store)
+    draws = read_table(run, "eps_draws").sort("seq", "draw")
+    z = read_table(run, "eps_zscores").sort("seq")
+    assert z.height == 4 and draws.height == 4 * 6 and set(z["pos"]) == {20}
+    for seq in (0, 3):
+        tokens = torch.from_numpy(st.read_tokens(group, slice(seq, seq + 1)).astype(np.int64))
+        x = torch.from_numpy(st.read_acts(group, sae.hook, slice(seq, seq + 1)))[0]
+        xh = sae.decode(*sae.encode(x))
+        err = (x[20] - xh[20]).norm()
+        candidates = eps_at(x[20], err, 6, draw_generator(3, seq))
+        np.testing.assert_allclose((candidates - x[20]).norm(dim=-1).numpy(), err.item(), rtol=1e-5)
+
+        def kl_at_20(vec, tokens=tokens):  # an independent path: the full model with a hook, numpy for the KL
+            def swap(a, hook):
+                a = a.clone()
+                a[0, 20] = vec
+                return a
+
+            with torch.inference_mode():
+                clean = model.bridge(tokens)[0, 20].double().numpy()
+                patched = model.bridge.run_with_hooks(tokens, fwd_hooks=[(sae.hook, swap)])[0, 20].double().numpy()
+            logp = clean - np.log(np.exp(clean - clean.max()).sum()) - clean.max()
+            logq = patched - np.log(np.exp(patched - patched.max()).sum()) - patched.max()
+            return float((np.exp(logp) * (logp - logq)).sum())
+
+        want = np.array([kl_at_20(c) for c in candidates])
+        got = draws.filter(pl.col("seq") == seq)["kl"].to_numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
+        row = z.filter(pl.col("seq") == seq).row(0, named=True)
+        assert row["kl_sae"] == pytest.approx(kl_at_20(xh[20]), rel=2e-3, abs=1e-6)
+        assert row["kl_mean"] == pytest.approx(got.mean(), rel=1e-6)
+        assert row["kl_sd"] == pytest.approx(np.std(got, ddof=1), rel=1e-5)
+        assert row["z"] == pytest.approx((row["kl_sae"] - got.mean()) / np.std(got, ddof=1), rel=1e-4)
+        assert row["share_above"] == pytest.approx(np.mean(got >= row["kl_sae"]))
+
+
+def test_single_and_every_position_evaluations_sit_side_by_side(drawn):
+    store, run, sae_dir = drawn
+    sae_id = sae_dir.name
+    n_all = read_table(run, "tokens").filter((pl.col("sae_id") == sae_id) & pl.col("patch_pos").is_null()).height
+    assert n_all == 24 * 64  # the every-position records survived the single-position eval
+    evals = query_sql(run, f"SELECT patch_pos FROM evals WHERE sae_id = '{sae_id}' ORDER BY patch_pos NULLS FIRST")
+    assert evals["patch_pos"].to_list() == [None, 20]
+    single = query_sql(run, f"SELECT count(*) AS n, min(patch_pos) AS p FROM tokens_single WHERE sae_id = '{sae_id}'")
+    assert single.row(0) == (4 * 64, 20)
+    every = query_sql(run, f"SELECT count(*) AS n FROM tokens WHERE sae_id = '{sae_id}'")
+    assert every["n"][0] == 24 * 64
+    codes = query_sql(run, f"SELECT count(*) AS n FROM codes WHERE sae_id = '{sae_id}'")
+    assert codes["n"][0] == read_table(run, "codes").filter(pl.col("sae_id") == sae_id).height  # not duplicated
+    # the SAE's KL at P in the draws' truncated pass is the single-position record's KL at P
+    at_p = query_sql(
+        run, f"SELECT seq, kl_patched FROM tokens_single WHERE sae_id = '{sae_id}' AND pos = 20 ORDER BY seq"
+    )
+    z = read_table(run, "eps_zscores").sort("seq")
+    np.testing.assert_allclose(z["kl_sae"].to_numpy(), at_p["kl_patched"].to_numpy(), rtol=1e-4, atol=1e-7)
+    sp = query(run, "single_position", after=3)
+    assert set(sp["offset"]) == {0, 1, 2, 3} and sp["gap_all"].null_count() == 0
+    assert query(run, "eps_zscores")["n_tokens"].to_list() == [4]
+
+
+def test_eps_draws_refuse_bad_requests(evaluated, tmp_path):
+    from actstore.draws import check_draws
+
+    with pytest.raises(UsageError, match="--eps-draws needs --patch-pos"):
+        EvalOptions(eps_draws=500)
+    with pytest.raises(UsageError, match="--eps-draws 1 must be at least 2"):
+        EvalOptions(eps_draws=1, patch_pos=4)
+    with pytest.raises(UsageError, match=r"--eps-draws 100000000 on 96 sequences would hold 153\.6 GB"):
+        check_draws(100_000_000, 96)
+    store, run = evaluated
+    with pytest.raises(UsageError, match="would hold"):
+        evaluate(store, run, None, EvalOptions(patch_pos=3, eps_draws=10**9))

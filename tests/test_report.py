@@ -137,6 +137,9 @@ def _write_sae(run: Path, hook: str, k: int, rng: np.random.Generator) -> str:
     )
     frames = {"tokens": tokens, "codes": codes, "latents": latents, "saes": saes, "curves": curves}
     write_tables(run, sae_id, frames | {"darkmatter": darkmatter, "darkmatter_tokens": darkmatter_tokens})
+    z = rng.normal(1.0, 2.0, N_SEQ)
+    eps = pl.DataFrame({"store": "synthetic.zarr", "seq": np.arange(N_SEQ), "pos": 4, "n_draws": 50, "z": z})
+    write_tables(run, sae_id, {"eps_zscores": eps}, part="pos4")  # eval --patch-pos 4 --eps-draws 50
     return sae_id
 
 

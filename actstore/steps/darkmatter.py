@@ -115,6 +115,8 @@ def darkmatter(
     saes, evals = rundir.read_table(run, "saes"), rundir.read_table(run, "evals")
     if saes.is_empty() or evals.is_empty():
         raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")
+    # one evaluation per SAE: the every-position one where the run has both modes (004 patches every position)
+    evals = evals.sort("sae_id", "patch_pos", nulls_last=False).unique("sae_id", keep="first")
     evaluated = saes.join(evals.select("sae_id", "store", "n_seq", "patch_pos"), on="sae_id").sort("sae_id")
     if only is not None:
         evaluated = evaluated.filter(pl.col("sae_id").is_in(sorted(only)))

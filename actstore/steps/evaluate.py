@@ -20,6 +20,7 @@ import torch
 from actstore import __version__
 from actstore import run as rundir
 from actstore import store as st
+from actstore.draws import check_draws, draw_batch
 from actstore.errors import StoreError, UsageError
 from actstore.geometry import moments, position_rows
 from actstore.metrics import activation_metrics, baselines, rate_and_latents
@@ -38,7 +39,14 @@ class EvalOptions:
 
     batch_size: int = option(16, "Sequences per forward pass.")
     seed: int = option(0, "Seed of the random baselines (stored with the records).")
-    patch_pos: int | None = option(None, "Single-position mode: patch only this position, record every position.")
+    patch_pos: int | None = option(
+        None,
+        "Single-position mode: patch only this position, record every position (kept beside the every-position records).",
+    )
+    eps_draws: int | None = option(
+        None,
+        "With --patch-pos P: N ε-random draws at P per sequence, the SAE's KL as a z-score among them (study 001).",
+    )
     max_seqs: int | None = option(None, "Evaluate only the first N sequences of the store.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
     compute_dtype: str = option("float32", "Dtype the model runs in.", choices=tuple(COMPUTE_DTYPES))
@@ -47,6 +55,9 @@ class EvalOptions:
         positive("batch_size", self.batch_size)
         positive("max_seqs", self.max_seqs, allow_none=True)
         positive("patch_pos", self.patch_pos, allow_none=True, minimum=0)
+        positive("eps_draws", self.eps_draws, allow_none=True, minimum=2)
+        if self.eps_draws is not None and self.patch_pos is None:
+            raise UsageError("--eps-draws needs --patch-pos P: the draws replace one position (study 001 used 48)")
         check_runtime(self.device, self.compute_dtype)
 
 
@@ -79,20 +90,28 @@ def evaluate(
     seq_len = int(group["tokens"].shape[1])
     if options.patch_pos is not None and options.patch_pos >= seq_len:
         raise UsageError(f"--patch-pos {options.patch_pos} is outside the sequence (0…{seq_len - 1})")
-    model = loaded or load_model(model_name, options.device, options.compute_dtype)
     n_seq = min(n_store, options.max_seqs or n_store)
+    if options.eps_draws is not None:
+        check_draws(options.eps_draws, n_seq)
+    model = loaded or load_model(model_name, options.device, options.compute_dtype)
     stats = {h: moments(group, h, n_seq) for h in hooks}  # μ for sst, and the layers table's covariance
     known = rundir.read_table(run, "saes")
     known_ids = set(known["sae_id"]) if known.height else set()
     done = []
+    part = "0" if options.patch_pos is None else f"pos{options.patch_pos}"
     for hook in dict.fromkeys(s.hook for s in saes):
         hook_saes = [s.to(options.device) for s in saes if s.hook == hook]
         mu = torch.from_numpy(stats[hook].mean).float().to(options.device)
         frames = _evaluate_hook(group, eval_store, model, hook, hook_saes, n_seq, options, progress, mu)
         for s in hook_saes:
+            mine = frames[s.sae_id]
             if s.sae_id not in known_ids:  # an external SAE: train wrote no row for it
-                frames[s.sae_id]["saes"] = _saes_row(s, group)
-            rundir.write_tables(run, s.sae_id, frames[s.sae_id])
+                rundir.write_tables(run, s.sae_id, {"saes": _saes_row(s, group)})
+            if part != "0" and rundir.part_path(run, "codes", s.sae_id).is_file():
+                del mine["codes"], mine["latents"]  # the SAE's codes do not depend on where eval patched
+            rundir.write_tables(run, s.sae_id, {t: f for t, f in mine.items() if t not in ("codes", "latents")}, part)
+            if "codes" in mine:
+                rundir.write_tables(run, s.sae_id, {"codes": mine["codes"], "latents": mine["latents"]})
             done.append(s.sae_id)
         positions = position_rows(str(eval_store), hook, stats[hook], n_seq)
         rundir.write_tables(run, rundir.hash_key(f"{eval_store}\n{hook}"), {"positions": positions})
@@ -159,6 +178,12 @@ class _Collected:
         self.codes: list[dict[str, np.ndarray]] = []
         self.code_rows: list[np.ndarray] = []
         self.n_tokens = 0
+        self.zscores: list[dict[str, np.ndarray]] = []
+        self.draws: list[dict[str, np.ndarray]] = []
+
+    def add_draws(self, zscores: dict[str, np.ndarray], draws: dict[str, np.ndarray]) -> None:
+        self.zscores.append(zscores)
+        self.draws.append(draws)
 
     def add(self, row: dict[str, np.ndarray], codes: dict[str, np.ndarray], rows: np.ndarray) -> None:
         for key, value in row.items():
@@ -218,6 +243,8 @@ def _evaluate_hook(
                 replacement = place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos)
                 row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, replacement))
             collected[s.sae_id].add(row, *sparse_codes(batch, *codes))
+            if o.eps_draws is not None:
+                collected[s.sae_id].add_draws(*draw_batch(patcher, batch, xh, o.patch_pos, o.eps_draws, o.seed))
             span = slice(int(batch.seqs[0]), int(batch.seqs[-1]) + 1)
             recon[s.sae_id][span] = st.to_stored(xh.reshape(x.shape), st.stored_dtype(recon[s.sae_id]))
         if bar is not None:
@@ -232,7 +259,10 @@ def _frames(s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptio
     dec_norm = s.W_dec.float().norm(dim=-1).cpu().numpy()
     rate, latents = rate_and_latents(codes, np.concatenate(c.code_rows), c.n_tokens, s.d_sae, dec_norm)
     tokens = pl.DataFrame({k: np.concatenate(v) for k, v in c.cols.items()}).with_columns(
-        pl.Series("rate_bits", rate), pl.lit(str(store_path)).alias("store"), pl.col(pl.Float32).fill_nan(None)
+        pl.Series("rate_bits", rate),
+        pl.lit(str(store_path)).alias("store"),
+        pl.lit(o.patch_pos).alias("patch_pos"),
+        pl.col(pl.Float32).fill_nan(None),
     )
     evals = pl.DataFrame(
         [
@@ -248,4 +278,11 @@ def _frames(s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptio
             }
         ]
     )
-    return {"tokens": tokens, "codes": codes, "latents": latents, "evals": evals}
+    frames = {"tokens": tokens, "codes": codes, "latents": latents, "evals": evals}
+    if c.draws:
+        for table, parts in (("eps_zscores", c.zscores), ("eps_draws", c.draws)):
+            frame = pl.DataFrame({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+            frames[table] = frame.with_columns(
+                pl.lit(str(store_path)).alias("store"), pl.selectors.float().fill_nan(None)
+            )
+    return frames
