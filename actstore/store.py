@@ -209,15 +209,24 @@ def commit(group: zarr.Group, n_seq: int, extra: dict[str, Any] | None = None) -
 
 
 def hooks_of(group: zarr.Group) -> list[str]:
-    return sorted(group["acts"].array_keys())
+    """The model's hooks the store holds (not the derived arrays darkmatter adds)."""
+    derived = set(derived_of(group))
+    return sorted(h for h in group["acts"].array_keys() if h not in derived)
+
+
+def derived_of(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    """Arrays of `acts/` that are not a model hook: an SAE's error and its linear and nonlinear parts
+    (`actstore darkmatter --write-errors`), named `<sae_id>.<part>`, so `actstore train` can train on them."""
+    return dict(group.attrs.get("derived", {}))
 
 
 def acts_array(group: zarr.Group, hook: str, store: str = "this store", who: str = "") -> zarr.Array:
-    """`acts/<hook>`, or a one-line error naming the hooks the store has (`who` says what asked for it)."""
-    if hook not in hooks_of(group):
+    """`acts/<hook>` (a hook or a derived array), or a one-line error naming what the store has (`who` says
+    what asked for it)."""
+    if hook not in hooks_of(group) and hook not in derived_of(group):
         asker = f"{who} reads {hook}, which" if who else f"hook {hook!r} is not in {store};"
         verb = f" {store} lacks;" if who else ""
-        raise UsageError(f"{asker}{verb} it has {', '.join(hooks_of(group))}")
+        raise UsageError(f"{asker}{verb} it has {', '.join([*hooks_of(group), *derived_of(group)])}")
     return group["acts"][hook]
 
 

@@ -240,6 +240,12 @@ TABLES: dict[str, Table] = {
             norm_r2_x DOUBLE held-out R² of x → ‖x‖²
             norm_r2_recon DOUBLE held-out R² of x → ‖x̂‖²
             norm_r2_nonlinear DOUBLE held-out R² of x → ‖NonlinearError‖²
+            fvu_pursuit DOUBLE held-out FVU of gradient pursuit on the SAE's decoder at each token's own L0 (004 §6.1)
+            fvu_nonlinear_pursuit DOUBLE the nonlinear FVU of the pursuit reconstructions (the probe refitted on them)
+            prev_sae_id VARCHAR the SAE one layer below whose reconstructions predict this one's error (--prev-layer)
+            prev_r2_err DOUBLE held-out R² (mean over dimensions) of that SAE's x̂ → e, affine (004 §6.2)
+            prev_r2_linear DOUBLE the same for → LinearError
+            prev_r2_nonlinear DOUBLE the same for → NonlinearError
             probe VARCHAR file of the probe's weights
         """),
             "`actstore darkmatter RUN`",
@@ -251,6 +257,9 @@ TABLES: dict[str, Table] = {
             _cols(
                 TOKEN_KEY
                 + """
+            err_norm FLOAT ‖e‖ of the token
+            linear_norm FLOAT ‖LinearError‖: the probe's prediction of e from x (004 Fig. 12)
+            nonlinear_norm FLOAT ‖NonlinearError‖ = ‖e − LinearError‖
             ce_linear FLOAT cross-entropy with x̂ + LinearError patched in
             kl_linear FLOAT KL(P_clean ‖ Q) with x̂ + LinearError patched in
             ce_nonlinear FLOAT cross-entropy with x̂ + NonlinearError patched in

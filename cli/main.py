@@ -97,12 +97,17 @@ def train(store: str, run: str, quiet: bool, **kw: Any) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_(eval_store: str, run: str, sae_paths: tuple[str, ...], quiet: bool, **kw: Any) -> None:
     """Evaluate the SAEs of RUN (or --sae PATH …) on EVAL_STORE, running the model once: activation-space
-    numbers, patched CE/KL with zero-ablation and three random baselines, and the active codes."""
-    from actstore.analytics import format_table, headline
+    numbers, patched CE/KL with zero-ablation and the random baselines of the error's size, and the active
+    codes. With --patch-pos P only P is patched (kept beside the every-position records); --eps-draws N adds
+    study 001's z-score of the SAE's KL among N ε-random draws at P."""
+    from actstore.analytics import format_table, headline, query
     from actstore.steps.evaluate import evaluate
 
-    evaluate(eval_store, run, list(sae_paths) or None, take(EvalOptions, kw), progress=not quiet)
+    options = take(EvalOptions, kw)
+    evaluate(eval_store, run, list(sae_paths) or None, options, progress=not quiet)
     click.echo(format_table(headline(run)))
+    if options.eps_draws is not None:
+        click.echo(format_table(query(run, "eps_zscores").drop("sae_id")))
 
 
 @main.command(short_help="Dark matter: fit the linear error probes of RUN's evaluated SAEs and patch their parts.")

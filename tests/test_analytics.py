@@ -150,6 +150,9 @@ def _extras(sae_id: str, t: pl.DataFrame, codes: pl.DataFrame) -> dict[str, pl.D
             "probe": [f"darkmatter/{sae_id}/probe.safetensors"],
         }
     )
+    later = np.random.default_rng(zlib.crc32(sae_id.encode()) + 1)  # columns added later: the draws above stay
+    extra = ("fvu_pursuit", "fvu_nonlinear_pursuit", "prev_r2_err", "prev_r2_linear", "prev_r2_nonlinear")
+    darkmatter = darkmatter.with_columns(prev_sae_id=pl.lit("below"), **{c: later.uniform(0, 1, 1)[0] for c in extra})
     odd = t.filter(pl.col("seq") % 2 == 1)
     u = rng.uniform(0, 1, (2, odd.height))
     gap = pl.col("ce_patched") - pl.col("ce_orig")
@@ -256,6 +259,11 @@ def _every(run) -> pl.DataFrame:
     return rec.read_table(run, "tokens").filter(pl.col("patch_pos").is_null())
 
 
+def _n_evaluated(run) -> int:
+    """SAEs with token records (those trained on darkmatter's error arrays have none)."""
+    return _every(run)["sae_id"].n_unique()
+
+
 def _frame(run, sae_id):
     """An SAE's every-position records (the SQL `tokens` view's rows)."""
     every = pl.col("patch_pos").is_null()
@@ -354,7 +362,7 @@ def test_cross_sae_predictability_is_eq13_squared_norms_without_intercept(sweep_
     assert out["c"][0] == pytest.approx(c, rel=1e-6)
     assert out["heldout_r2"][0] == pytest.approx(r2, rel=1e-6)
     assert out["corr"][0] == pytest.approx(np.corrcoef(xe, ye)[0, 1], rel=1e-6)
-    n_saes = rec.read_table(sweep_run, "saes").height
+    n_saes = _every(sweep_run)["sae_id"].n_unique()  # evaluated SAEs (not those trained on error arrays)
     assert query(sweep_run, "cross_sae_predictability").height == n_saes * (n_saes - 1)
     # the earlier variant, by name: unsquared norms with an intercept
     aff = query(sweep_run, "cross_sae_predictability", form="affine").filter(
@@ -438,7 +446,7 @@ def test_kl_gap_correlations_match_numpy_corrcoef(sweep_run):
     freq = [(tokens == t).sum() for t in ids]
     got = out.filter(pl.col("against") == "frequency").row(0, named=True)
     assert got["n"] == len(ids) and got["corr"] == pytest.approx(np.corrcoef(means, freq)[0, 1], rel=1e-5)
-    n_saes = rec.read_table(sweep_run, "saes").height
+    n_saes = _every(sweep_run)["sae_id"].n_unique()
     assert out.filter(pl.col("against") == "sae").height == n_saes - 1
 
 
@@ -482,6 +490,9 @@ def test_every_named_query_documents_itself_and_runs(sweep_run):
             with pytest.raises(UsageError, match="at least 3 widths"):
                 query(sweep_run, q.name)
             continue
+        if q.name == "error_saes":  # needs SAEs trained on error arrays: tests/test_evaluate.py trains some
+            assert query(sweep_run, q.name).height == 0
+            continue
         out = query(sweep_run, q.name, **({"n_boot": 20} if "n_boot" in q.params else {}))
         assert out.height > 0, q.name
         # a column that is NULL on every row is a join or a view that matched nothing
@@ -506,7 +517,7 @@ def test_rate_distortion_matches_numpy_with_a_position_window(sweep_run):
         log2_fact = np.array([lgamma(v + 1) / log(2) for v in f["l0"].to_numpy()])  # log₂(l0!) bits per token
         assert row["coder"] == "set"
         assert row["rate_bits"] == pytest.approx((f["rate_bits"].to_numpy() - log2_fact).mean(), rel=1e-5)
-    assert out.height == rec.read_table(sweep_run, "saes").height
+    assert out.height == _n_evaluated(sweep_run)
     for row in out.iter_rows(named=True):
         f = t.filter(pl.col("sae_id") == row["sae_id"])
         sse, sst = f["sse"].to_numpy(), f["sst"].to_numpy()
@@ -527,7 +538,7 @@ def test_latents_ranks_by_firing_rate_then_index(sweep_run):
     out = query(sweep_run, "latents")
     raw = rec.read_table(sweep_run, "latents")
     saes = rec.read_table(sweep_run, "saes")
-    assert out.height == raw.height == D_SAE * saes.height
+    assert out.height == raw.height == D_SAE * _n_evaluated(sweep_run)
     for sae in (f"{HOOKS[0]}__k8_s0", f"{HOOKS[1]}__k32_s1"):
         r = raw.filter(pl.col("sae_id") == sae).sort("latent")
         o = out.filter(pl.col("sae_id") == sae)
@@ -638,7 +649,7 @@ def test_layers_lists_every_hook_by_model_store_and_depth(sweep_run):
 def test_darkmatter_tables_join_their_saes_and_the_patch_closes_the_hand_fraction(sweep_run):
     dm = query(sweep_run, "darkmatter")
     raw = rec.read_table(sweep_run, "darkmatter")
-    assert dm.height == raw.height == rec.read_table(sweep_run, "saes").height
+    assert dm.height == raw.height == _n_evaluated(sweep_run)
     assert dict(dm.select("sae_id", "vector_r2").iter_rows()) == dict(raw.select("sae_id", "vector_r2").iter_rows())
     assert (dm["hook"] == dm["sae_id"].str.split("__").list.first().str.strip_prefix("n_")).all()
 
@@ -648,7 +659,7 @@ def test_darkmatter_tables_join_their_saes_and_the_patch_closes_the_hand_fractio
     both = parts.join(tokens, on=["sae_id", "store", "seq", "pos"]).filter(
         (pl.col("pos") >= 2) & pl.col("ce_orig").is_not_null()
     )
-    assert out.height == rec.read_table(sweep_run, "saes").height
+    assert out.height == _n_evaluated(sweep_run)
     for row in out.iter_rows(named=True):
         f = both.filter(pl.col("sae_id") == row["sae_id"])
         assert (f["seq"] % 2 == 1).all()  # held-out sequences only
@@ -677,7 +688,7 @@ def test_sql_cli_lists_queries_runs_them_and_writes_files(sweep_run, tmp_path):
     assert listed.exit_code == 0 and "summary" in listed.output and "--param min_pos" in listed.output
     csv = runner.invoke(main, ["sql", sweep_run, "--query", "kl_gap", "--param", "min_pos=1", "--format", "csv"])
     assert csv.exit_code == 0, csv.output
-    assert pl.read_csv(csv.stdout.encode()).height == 3 * rec.read_table(sweep_run, "saes").height
+    assert pl.read_csv(csv.stdout.encode()).height == 3 * _n_evaluated(sweep_run)
     out = tmp_path / "r.parquet"
     adhoc = runner.invoke(
         main, ["sql", sweep_run, "SELECT count(*) AS n FROM tokens", "--format", "parquet", "--out", str(out)]

@@ -423,3 +423,95 @@ def test_eps_draws_refuse_bad_requests(evaluated, tmp_path):
     store, run = evaluated
     with pytest.raises(UsageError, match="would hold"):
         evaluate(store, run, None, EvalOptions(patch_pos=3, eps_draws=10**9))
+
+
+def test_darkmatter_pursuit_norms_and_error_arrays_for_training(evaluated, tmp_path):
+    from safetensors.numpy import load_file
+
+    from actstore.run import probe_path
+    from actstore.steps.darkmatter import DarkmatterOptions, darkmatter
+
+    src_store, run0 = evaluated
+    store, run = str(tmp_path / "eval.zarr"), str(tmp_path / "run")
+    shutil.copytree(src_store, store)  # --write-errors adds arrays to the store: not the shared fixture's
+    saes = [str(p) for p in sorted(__import__("pathlib").Path(run0, "saes").iterdir())]
+    evaluate(store, run, saes, EvalOptions(batch_size=8))
+    table = darkmatter(run, DarkmatterOptions(batch_size=8, write_errors=True))
+    assert (table["fvu_pursuit"] > 0).all() and (table["fvu_pursuit"] < 1.5 * table["fvu"]).all()
+    assert table["fvu_nonlinear_pursuit"].is_not_null().all() and table["prev_sae_id"].is_null().all()
+    sae_id, hook = table["sae_id"][0], table["hook"][0]
+    group = st.open_store(store)
+    x = st.read_acts(group, hook).astype(np.float64)
+    e = x - read_recon_np(group, hook, sae_id)
+    probe = load_file(str(probe_path(run, sae_id)))
+    linear = x @ probe["W"].astype(np.float64) + probe["b"]
+    # the per-token norms of 004 Fig. 12, on the held-out sequences
+    dmt = read_table(run, "darkmatter_tokens").filter(pl.col("sae_id") == sae_id).sort("seq", "pos")
+    odd = np.arange(x.shape[0]) % 2 == 1
+    np.testing.assert_allclose(dmt["err_norm"], np.linalg.norm(e[odd], axis=-1).ravel(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(dmt["linear_norm"], np.linalg.norm(linear[odd], axis=-1).ravel(), rtol=1e-3, atol=1e-4)
+    nonlinear = np.linalg.norm((e - linear)[odd], axis=-1).ravel()
+    np.testing.assert_allclose(dmt["nonlinear_norm"], nonlinear, rtol=1e-3, atol=1e-4)
+    # the error arrays: beside the hooks, not among them; each part as defined, in the store's dtype
+    assert st.hooks_of(group) == sorted(HOOKS)
+    assert set(st.derived_of(group)) == {
+        f"{s}.{p}" for s in table["sae_id"] for p in ("sae_error", "linear_error", "nonlinear_error")
+    }
+    scale = np.abs(x).max()
+    for part, want in (("sae_error", e), ("linear_error", linear), ("nonlinear_error", e - linear)):
+        got = st.read_acts(group, f"{sae_id}.{part}").astype(np.float64)
+        np.testing.assert_allclose(got, want, atol=2e-3 * scale)
+    # SAEs trained on the two parts, compared at matched k (004 §5.2)
+    parts = [f"{sae_id}.linear_error", f"{sae_id}.nonlinear_error"]
+    train(store, run, [SAESpec(h, 4, 2, 1024, 0) for h in parts], TrainOptions(batch_size=128))
+    out = query(run, "error_saes")
+    assert out.height == 1 and out["source_sae"][0] == sae_id and out["hook"][0] == hook
+    assert out["fvu_linear_error"].is_not_null().all() and out["fvu_nonlinear_error"].is_not_null().all()
+    with pytest.raises(UsageError, match="not a model hook"):
+        evaluate(store, run, [str(__import__("pathlib").Path(run, "saes", f"{parts[0]}__k4_x2_1024_s0"))])
+    with pytest.raises(UsageError, match="no evaluated SAE one layer below"):
+        darkmatter(run, DarkmatterOptions(prev_layer=True, pursuit=False))
+
+
+def read_recon_np(group, hook, sae_id):
+    from actstore.recon import read_recon
+
+    return read_recon(group, hook, sae_id).astype(np.float64)
+
+
+def test_previous_layer_r2_and_the_matching_sae_below():
+    from actstore.steps.darkmatter import analyse, previous_layer_r2, previous_sae
+
+    rng = np.random.default_rng(0)
+    n, d = 600, 6
+    x = rng.normal(size=(n, d))
+    xh = 0.8 * x + 0.1 * rng.normal(size=(n, d))
+    xh_prev = rng.normal(size=(n, d))
+    xh = xh - 0.3 * xh_prev @ rng.normal(size=(d, d))  # part of e is a linear map of the layer below's x̂
+    fit = np.arange(n) % 2 == 0
+    _, w = analyse(x.astype(np.float32), xh.astype(np.float32), fit)
+    got = previous_layer_r2(xh_prev, x, xh, w, fit)
+    e = x - xh
+    linear = np.hstack([x, np.ones((n, 1))]) @ w
+    for name, y in (("err", e), ("linear", linear), ("nonlinear", e - linear)):
+        a = np.hstack([xh_prev, np.ones((n, 1))])
+        coef = np.linalg.lstsq(a[fit], y[fit], rcond=None)[0]
+        res = y[~fit] - a[~fit] @ coef
+        want = np.mean(1 - (res**2).sum(0) / ((y[~fit] - y[~fit].mean(0)) ** 2).sum(0))
+        assert got[f"prev_r2_{name}"] == pytest.approx(want, rel=1e-6)
+    assert got["prev_r2_err"] > 0.5
+    rows = pl.DataFrame(
+        {
+            "sae_id": ["a2", "b2", "c3"],
+            "hook": ["blocks.2.hook_resid_post", "blocks.2.hook_resid_post", "blocks.3.hook_resid_post"],
+            "layer": [2, 2, 3],
+            "store": "s",
+            "k": [8, 16, 16],
+            "expansion": 4,
+            "train_tokens": 100,
+            "seed": 0,
+        }
+    )
+    assert previous_sae(rows, rows.row(2, named=True))["sae_id"] == "b2"  # the same k one layer below
+    with pytest.raises(UsageError, match="one layer below"):
+        previous_sae(rows, rows.row(0, named=True))

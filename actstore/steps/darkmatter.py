@@ -32,6 +32,7 @@ from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_mode
 from actstore.options import option, positive
 from actstore.patching import Patcher, batches, place
 from actstore.progress import token_bar
+from actstore.pursuit import gradient_pursuit
 from actstore.recon import read_recon
 from actstore.saeio import EvalSAE, load_eval_sae
 
@@ -82,6 +83,98 @@ def analyse(x: np.ndarray, xh: np.ndarray, fit: np.ndarray) -> tuple[dict[str, f
     return row, w
 
 
+def pursuit_row(sae: EvalSAE, x: np.ndarray, fit: np.ndarray) -> dict[str, float]:
+    """FVU and nonlinear FVU of gradient pursuit's reconstructions at each token's own L0 (004 §6.1): the
+    probe refitted on them, scored on the same held-out tokens as the SAE's own numbers."""
+    xt = torch.from_numpy(x).float()
+    w_dec, b_dec = sae.W_dec.detach().float().cpu(), sae.b_dec.detach().float().cpu()
+    cpu_sae = sae.to("cpu")
+    l0 = torch.cat([(cpu_sae.encode(part).top_acts != 0).sum(-1) for part in xt.split(4096)])
+    x_gp = gradient_pursuit(xt, w_dec, b_dec, l0).numpy()
+    gp, _ = analyse(x, x_gp, fit)
+    return {"fvu_pursuit": gp["fvu"], "fvu_nonlinear_pursuit": gp["fvu_nonlinear"]}
+
+
+def previous_sae(evaluated: pl.DataFrame, sae: dict[str, Any]) -> dict[str, Any]:
+    """The evaluated SAE one layer below `sae` on the same store and hook kind, the closest match in k,
+    expansion, budget and seed; a one-line error when there is none (004 §6.2 needs one)."""
+    layer = sae["layer"]
+    prev_hook = (
+        None if layer is None or layer < 1 else sae["hook"].replace(f"blocks.{layer}.", f"blocks.{layer - 1}.", 1)
+    )
+    found = evaluated.filter(
+        (pl.col("hook") == prev_hook) & (pl.col("store") == sae["store"]) & (pl.col("hook") != sae["hook"])
+    )
+    if prev_hook is None or found.is_empty():
+        raise UsageError(
+            f"--prev-layer: {sae['sae_id']} has no evaluated SAE one layer below ({prev_hook or 'no layer below'}) "
+            f"on {sae['store']}; train and evaluate one at that hook, or drop --prev-layer"
+        )
+    same = [pl.col(c).eq(sae[c]).fill_null(False).cast(pl.Int8) for c in ("k", "expansion", "train_tokens", "seed")]
+    return (
+        found.with_columns(match=pl.sum_horizontal(same))
+        .sort("match", "sae_id", descending=[True, False])
+        .row(0, named=True)
+    )
+
+
+def previous_layer_r2(xh_prev: np.ndarray, x: np.ndarray, xh: np.ndarray, w: np.ndarray, fit: np.ndarray) -> dict:
+    """Held-out R² (mean over dimensions, like vector_r2) of affine maps from the previous layer's SAE output
+    to this SAE's error, its LinearError and its NonlinearError."""
+    e = (x - xh).astype(np.float64)
+    linear = apply_affine(w, x)
+    out = {}
+    for name, y in (("err", e), ("linear", linear), ("nonlinear", e - linear)):
+        wp = fit_affine(xh_prev[fit], y[fit])
+        out[f"prev_r2_{name}"] = float(np.mean(r2_score(y[~fit], apply_affine(wp, xh_prev[~fit]))))
+    return out
+
+
+ERROR_PARTS = ("sae_error", "linear_error", "nonlinear_error")
+
+
+def write_errors(
+    group: Any, store: str, hook: str, sae_id: str, w: np.ndarray, n_evaluated: int, batch: int
+) -> list[str]:
+    """e, LinearError (the probe's x·W + b) and NonlinearError of every sequence of the eval store, as
+    `acts/<sae_id>.<part>` arrays beside the hooks (the hook's shape, chunks, dtype and codec), recorded in
+    the store's `derived` attribute: `actstore train STORE --hooks <sae_id>.linear_error` trains on them."""
+    n_store = st.committed(group)
+    if n_evaluated < n_store:  # eval wrote reconstructions of its sequences only
+        raise UsageError(
+            f"--write-errors needs {sae_id} evaluated on every sequence of {store} ({n_evaluated} of {n_store}); "
+            "re-run `actstore eval` without --max-seqs"
+        )
+    acts = group["acts"][hook]
+    codec = group.attrs.get("codec", {}).get("name", st.DEFAULT_CODEC)
+    dtype = st.stored_dtype(acts)
+    names = {part: f"{sae_id}.{part}" for part in ERROR_PARTS}
+    arrays = {
+        part: st.activation_array(
+            group["acts"],
+            name,
+            acts.shape,
+            acts.chunks,
+            acts.shards,
+            dtype,
+            codec,
+            {"hook": hook, "sae_id": sae_id, "part": part},
+        )  # fmt: skip
+        for part, name in names.items()
+    }
+    wt, bt = torch.from_numpy(w[:-1]).float(), torch.from_numpy(w[-1]).float()
+    for start in range(0, n_store, batch):
+        span = slice(start, min(n_store, start + batch))
+        x = torch.from_numpy(st.read_acts(group, hook, span))
+        e = x - torch.from_numpy(read_recon(group, hook, sae_id, span))
+        linear = x @ wt + bt
+        for part, value in (("sae_error", e), ("linear_error", linear), ("nonlinear_error", e - linear)):
+            arrays[part][span] = st.to_stored(value, dtype)
+    derived = st.derived_of(group) | {name: {"hook": hook, "sae_id": sae_id, "part": p} for p, name in names.items()}
+    group.attrs["derived"] = derived
+    return list(names.values())
+
+
 @dataclass(frozen=True)
 class DarkmatterOptions:
     """Which evaluated sequences the probes use, and how the patches run."""
@@ -90,6 +183,19 @@ class DarkmatterOptions:
     min_pos: int = option(
         0,
         "Fit and score the probes on positions ≥ this only (study 004: > 200 of 1,024, past the early-position outliers).",
+    )
+    pursuit: bool = option(
+        True,
+        "Also re-encode with gradient pursuit at each token's own L0 (004 §6.1): fvu_pursuit, fvu_nonlinear_pursuit.",
+        flag="--pursuit/--no-pursuit",
+    )
+    prev_layer: bool = option(
+        False,
+        "Predict e, LinearError and NonlinearError from the reconstructions of the SAE one layer below (004 §6.2).",
+    )
+    write_errors: bool = option(
+        False,
+        "Write e, LinearError and NonlinearError into the eval store as acts/<sae_id>.<part>, for `actstore train` (004 §5.2).",
     )
     batch_size: int = option(16, "Sequences per forward pass of the patches.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
@@ -117,14 +223,14 @@ def darkmatter(
         raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")
     # one evaluation per SAE: the every-position one where the run has both modes (004 patches every position)
     evals = evals.sort("sae_id", "patch_pos", nulls_last=False).unique("sae_id", keep="first")
-    evaluated = saes.join(evals.select("sae_id", "store", "n_seq", "patch_pos"), on="sae_id").sort("sae_id")
-    if only is not None:
-        evaluated = evaluated.filter(pl.col("sae_id").is_in(sorted(only)))
+    every = saes.join(evals.select("sae_id", "store", "n_seq", "patch_pos"), on="sae_id").sort("sae_id")
+    evaluated = every if only is None else every.filter(pl.col("sae_id").is_in(sorted(only)))
+    below = {r["sae_id"]: previous_sae(every, r) for r in evaluated.iter_rows(named=True)} if options.prev_layer else {}
     models: dict[str, LoadedModel] = {}
     rows = []
     for sae in evaluated.iter_rows(named=True):
         sae_id, hook = sae["sae_id"], sae["hook"]
-        group = st.open_store(sae["store"])
+        group = st.open_store(sae["store"], mode="r+" if options.write_errors else "r")
         n_seq = min(int(sae["n_seq"]), options.max_seqs or int(sae["n_seq"]))
         if n_seq < 2:
             raise UsageError(f"{sae_id} was evaluated on {n_seq} sequence; dark matter needs at least 2 (fit/test)")
@@ -136,8 +242,18 @@ def darkmatter(
         xh = read_recon(group, hook, sae_id, slice(0, n_seq))[:, options.min_pos :]
         seq_len, d = x.shape[1], x.shape[2]
         fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
-        row, w = analyse(x.reshape(-1, d), xh.reshape(-1, d), fit)
+        x, xh = x.reshape(-1, d), xh.reshape(-1, d)
+        row, w = analyse(x, xh, fit)
+        eval_sae = load_eval_sae(sae["path"], sae_id)
+        if options.pursuit:
+            row |= pursuit_row(eval_sae, x, fit)
+        if options.prev_layer:
+            prev = below[sae_id]
+            xh_prev = read_recon(group, prev["hook"], prev["sae_id"], slice(0, n_seq))[:, options.min_pos :]
+            row |= {"prev_sae_id": prev["sae_id"], **previous_layer_r2(xh_prev.reshape(-1, d), x, xh, w, fit)}
         del x, xh
+        if options.write_errors:
+            write_errors(group, sae["store"], hook, sae_id, w, int(sae["n_seq"]), options.batch_size)
         probe = rundir.probe_path(run, sae_id)
         probe_w, probe_b = torch.from_numpy(w[:-1]).float(), torch.from_numpy(w[-1]).float()
         with atomic.replacing(probe) as (stage,):
@@ -148,7 +264,7 @@ def darkmatter(
         if name not in models:
             models[name] = load_model(name, options.device, options.compute_dtype)
         patched = patch_parts(
-            group, models[name], load_eval_sae(sae["path"], sae_id).to(options.device), (probe_w, probe_b),
+            group, models[name], eval_sae.to(options.device), (probe_w, probe_b),
             range(1, n_seq, 2), sae["patch_pos"], options, progress,
         )  # fmt: skip
         split = {"min_pos": options.min_pos, "split": "even sequences fit, odd sequences score"}
@@ -156,7 +272,7 @@ def darkmatter(
         rundir.write_tables(
             run, sae_id, {"darkmatter": frame, "darkmatter_tokens": patched.with_columns(store=pl.lit(sae["store"]))}
         )
-        rows.append({"sae_id": sae_id, **frame.row(0, named=True)})
+        rows.append({"sae_id": sae_id, **rundir.conform("darkmatter", frame).row(0, named=True)})
         if progress:
             print(f"darkmatter {sae_id}: vector R² {row['vector_r2']:.3f}", file=sys.stderr)
     return pl.DataFrame(rows)
@@ -182,6 +298,13 @@ def patch_parts(
         xh = sae.decode(*sae.encode(xf))
         linear = xf @ w + b
         row = {k: v for k, v in batch.token_key().items() if k in ("seq", "pos")}
+        e = xf - xh
+        row |= {
+            "err_norm": e.norm(dim=-1),
+            "linear_norm": linear.norm(dim=-1),
+            "nonlinear_norm": (e - linear).norm(dim=-1),
+        }
+        row = {k: v.cpu().numpy().astype(np.float32) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
         for name, candidate in {"linear": xh + linear, "nonlinear": xf - linear}.items():
             replacement = place(batch.x_live, candidate.reshape(batch.x.shape), patch_pos)
             row[f"ce_{name}"], row[f"kl_{name}"] = batch.clean.score(patcher.logits(batch.tokens, replacement))

@@ -82,6 +82,14 @@ def evaluate(
         )
     model_name = group.attrs.get("model", {}).get("name")
     saes = load_saes(run, sae_paths, model_name)
+    derived = st.derived_of(group)  # SAEs trained on darkmatter's error arrays: nothing to patch into the model
+    if sae_paths and any(s.hook in derived for s in saes):
+        raise UsageError(f"{eval_store}'s {next(s.hook for s in saes if s.hook in derived)} is not a model hook: "
+                         "SAEs trained on darkmatter's error arrays have no place in the model to patch; "
+                         "compare them with `actstore sql RUN --query error_saes`")  # fmt: skip
+    saes = [s for s in saes if s.hook not in derived]
+    if not saes:
+        raise UsageError(f"{run}'s SAEs are all trained on error arrays; there is nothing to evaluate in the model")
     hooks = st.hooks_of(group)
     for s in saes:
         d = int(st.acts_array(group, s.hook, eval_store, who=f"SAE {s.sae_id}").shape[2])

@@ -334,6 +334,8 @@ def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_
         data_seed=o.data_seed,
         train_seconds=t.seconds,
     )
+    if spec.hook in st.derived_of(group):  # an SAE of darkmatter's error arrays: no depth for the studies to match
+        row = row.with_columns(layer=pl.lit(None, pl.Int32), depth=pl.lit(None, pl.Float64))
     rundir.write_tables(run, spec.sae_id, {"curves": pl.DataFrame(t.curves), "saes": row})
     context = int(attrs.get("seq_len", 0))
     seqpos = [int(o.drop_bos), None]
