@@ -3,12 +3,16 @@
     python bench/eval.py [--model pythia-70m-shape|tiny] [--seqs 16] [--seq-len 128] [--hook blocks.3.hook_resid_post]
 
 One SAE at a mid-depth hook, on the same batches, in one process, for float32 and bfloat16 compute:
-  (a) naive: one full forward per patch type (x̂, zero, ε-random, same-cosine, activation-difference)
+  (a) naive: one full forward per patch type (x̂, zero and each baseline of actstore.tables.BASELINES)
       plus the clean one, each patch through a hook;
   (b) bare: the passes eval needs — one prefix up to the hook, then the layers above it once for the
       clean activation and once per patch, up to the logits; nothing else (no log-softmax, CE, KL);
   (c) `actstore.steps.evaluate` end to end (metrics, records, reconstructions written).
 Goal: (c) ≥ 1.5× faster than (a) and within 1.15× of (b). Also the records' bytes per token per SAE.
+Then `--eps-draws` (study 001's z-scores): N ε-random draws at one position of each of a few sequences,
+  (d) naive: N single patches, each a full forward of the whole sequence through a hook, KL at P;
+  (e) `actstore.draws.draw_batch`: the prefix 0…P only, the clean pass below the hook shared, P unembedded;
+with the largest difference between their KLs (they compute the same numbers).
 The last line is one JSON object of the headline figures.
 """
 
@@ -25,13 +29,17 @@ import numpy as np
 import torch
 
 from actstore import store as st
+from actstore.draws import draw_batch, draw_generator, eps_at
 from actstore.model import capture, load_model
+from actstore.patching import batches
 from actstore.sae import TopKSAE
+from actstore.saeio import load_eval_sae
 from actstore.steps.evaluate import EvalOptions, Patcher, evaluate
 from actstore.steps.harvest import HarvestOptions, harvest
+from actstore.tables import PATCHES
 from actstore.tiny import random_pythia
 
-N_PATCHES = 5  # x̂, zero, ε-random, same-cosine, activation-difference
+N_PATCHES = len(PATCHES)  # x̂, zero and every baseline: what eval patches
 
 
 def main() -> None:
@@ -41,6 +49,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--hook", default="blocks.3.hook_resid_post")
+    ap.add_argument("--draws", type=int, default=500, help="ε-random draws per sequence (study 001: 500)")
+    ap.add_argument("--draw-pos", type=int, default=48, help="the patched position (study 001: 48)")
+    ap.add_argument("--draw-seqs", type=int, default=2, help="sequences the draws run on")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-eval-"))
@@ -104,6 +115,7 @@ def main() -> None:
                     times[key].append(time.perf_counter() - t0)
             results[dtype] = {k: min(v) for k, v in times.items()}
 
+        draws = bench_draws(name, g, args.hook, load_eval_sae(str(sae_dir)), args.draws, args.draw_pos, args.draw_seqs)
         records = tmp / "run" / "records"
         per_table = {t: sum(f.stat().st_size for f in (records / t).rglob("*.parquet")) for t in ("tokens", "codes")}
         print(
@@ -130,10 +142,48 @@ def main() -> None:
             "eval_tokens_per_s_fp32": round(n_tok / results["float32"]["eval"]),
             "record_bytes_per_token_tokens": round(per_table["tokens"] / n_tok, 1),
             "record_bytes_per_token_codes": round(per_table["codes"] / n_tok, 1),
+            "eps_draws_vs_naive": round(draws["naive"] / draws["ours"], 1),
         }
+        print(
+            f"--eps-draws {args.draws} at position {args.draw_pos} on {args.draw_seqs} sequences (float32): naive "
+            f"{draws['naive']:.2f} s, draws {draws['ours']:.2f} s: {draws['naive'] / draws['ours']:.1f}x; "
+            f"largest |KL difference| {draws['max_diff']:.2e}"
+        )
         print(json.dumps(headline))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench_draws(name: str, g, hook: str, sae, n_draws: int, pos: int, n_seqs: int) -> dict[str, float]:
+    """Seconds of (d) naive single patches and (e) draw_batch for the same draws, and their largest KL gap."""
+    model = load_model(name, "cpu", "float32")
+    patcher = Patcher(model, hook)
+    batch = next(batches(g, model, patcher, range(n_seqs), n_seqs, "cpu"))
+    d = batch.x.shape[2]
+    xh = sae.decode(*sae.encode(batch.x.reshape(-1, d)))
+    t0 = time.perf_counter()
+    _, ours = draw_batch(patcher, batch, xh, pos, n_draws, seed=0)
+    t_ours = time.perf_counter() - t0
+    err = (batch.x[:, pos] - xh.reshape(batch.x.shape)[:, pos]).norm(dim=-1, keepdim=True)
+    naive_kl = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(n_seqs):
+            tokens = batch.tokens[i : i + 1]
+            clean = torch.log_softmax(model.bridge(tokens)[0, pos].float(), -1)
+            for vec in eps_at(batch.x[i, pos], err[i], n_draws, draw_generator(0, int(batch.seqs[i]))):
+
+                def swap(a, hook, vec=vec):
+                    a = a.clone()
+                    a[0, pos] = vec
+                    return a
+
+                logq = torch.log_softmax(
+                    model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, swap)])[0, pos].float(), -1
+                )
+                naive_kl.append(float((clean.exp() * (clean - logq)).sum()))
+    t_naive = time.perf_counter() - t0
+    return {"naive": t_naive, "ours": t_ours, "max_diff": float(np.abs(np.array(naive_kl) - ours["kl"]).max())}
 
 
 if __name__ == "__main__":
