@@ -230,6 +230,7 @@ TABLES: dict[str, Table] = {
             store VARCHAR eval store the probe was fitted on
             min_pos INTEGER first position the probe was fitted and scored on
             split VARCHAR which tokens fit and which score
+            probe_form VARCHAR linear (004 Eq. 10/11: b·x) or affine (b·x + c): the form of every probe and norm fit
             n_fit BIGINT tokens the probe was fitted on (even sequences)
             n_test BIGINT held-out tokens (odd sequences)
             vector_r2 DOUBLE held-out R² of x → e, mean over dimensions

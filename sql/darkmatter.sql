@@ -2,7 +2,8 @@
 -- Reads: darkmatter, saes.
 -- vector_r2: held-out R² of the linear error probe x → e (mean over dimensions). fvu = fvu_linear +
 --   fvu_nonlinear (004 Fig. 1: fvu_linear = fvu − fvu_nonlinear): the SAE's FVU split into the part a
---   linear probe recovers and the rest. min_pos and split say which tokens fit and scored the probe.
+--   linear probe recovers and the rest. min_pos and split say which tokens fit and scored the probe;
+--   probe_form: linear (004 Eq. 10/11, b·x: the default) or affine (`darkmatter --probe affine`).
 --   norm_r2_*: held-out R² of predicting ‖e‖², ‖x‖², ‖x̂‖², ‖nonlinear e‖² from x (004's norm prediction test).
 -- fvu_pursuit, fvu_nonlinear_pursuit: the same split for gradient pursuit on the SAE's decoder at each token's
 --   own L0 (004 §6.1: a better encoder; encoder_share = the share of the FVU pursuit removes, and
@@ -14,7 +15,7 @@ SELECT s.model, s.layer, s.hook, s.k, d.vector_r2, d.fvu, d.fvu_linear, d.fvu_no
     d.fvu_pursuit, d.fvu_nonlinear_pursuit, 1 - d.fvu_pursuit / d.fvu AS encoder_share,
     d.fvu_nonlinear - d.fvu_nonlinear_pursuit AS nonlinear_removed,
     d.prev_sae_id, d.prev_r2_err, d.prev_r2_linear, d.prev_r2_nonlinear,
-    d.n_fit, d.n_test, d.min_pos, d.split, d.sae_id
+    d.n_fit, d.n_test, d.min_pos, d.split, d.probe_form, d.sae_id
 FROM darkmatter AS d
 JOIN saes AS s USING (sae_id)
 ORDER BY s.model, s.layer, s.hook, s.k;

@@ -152,7 +152,9 @@ def _extras(sae_id: str, t: pl.DataFrame, codes: pl.DataFrame) -> dict[str, pl.D
     )
     later = np.random.default_rng(zlib.crc32(sae_id.encode()) + 1)  # columns added later: the draws above stay
     extra = ("fvu_pursuit", "fvu_nonlinear_pursuit", "prev_r2_err", "prev_r2_linear", "prev_r2_nonlinear")
-    darkmatter = darkmatter.with_columns(prev_sae_id=pl.lit("below"), **{c: later.uniform(0, 1, 1)[0] for c in extra})
+    darkmatter = darkmatter.with_columns(
+        prev_sae_id=pl.lit("below"), probe_form=pl.lit("linear"), **{c: later.uniform(0, 1, 1)[0] for c in extra}
+    )
     odd = t.filter(pl.col("seq") % 2 == 1)
     u = rng.uniform(0, 1, (2, odd.height))
     gap = pl.col("ce_patched") - pl.col("ce_orig")

@@ -302,8 +302,14 @@ def test_linear_probe_agrees_with_numpy_lstsq_and_splits_the_fvu():
     a = rng.standard_normal((d, d)) * 0.1
     e = x @ a + 0.3 + 0.2 * np.tanh(x) ** 2 + 0.05 * rng.standard_normal((n, d))
     fit = np.arange(n) % 2 == 0
-    row, w = analyse(x.astype(np.float32), (x - e).astype(np.float32), fit)
+    linear, _ = analyse(x.astype(np.float32), (x - e).astype(np.float32), fit)  # the default: 004's b·x
+    ref0 = np.linalg.lstsq(x[fit], e[fit], rcond=None)[0]
+    res0 = e[~fit] - x[~fit] @ ref0
+    r2_0 = 1 - (res0**2).sum(0) / ((e[~fit] - e[~fit].mean(0)) ** 2).sum(0)
+    assert linear["vector_r2"] == pytest.approx(r2_0.mean(), rel=1e-3)
+    row, w = analyse(x.astype(np.float32), (x - e).astype(np.float32), fit, "affine")
     ref = np.linalg.lstsq(np.c_[x[fit], np.ones(fit.sum())], e[fit], rcond=None)[0]
+    assert row["vector_r2"] > linear["vector_r2"]  # e has a constant part (+0.3) that only the intercept fits
     np.testing.assert_allclose(w, ref, rtol=1e-3, atol=1e-4)
     lin = np.c_[x[~fit], np.ones((~fit).sum())] @ ref
     res = e[~fit] - lin
@@ -489,8 +495,8 @@ def test_previous_layer_r2_and_the_matching_sae_below():
     xh_prev = rng.normal(size=(n, d))
     xh = xh - 0.3 * xh_prev @ rng.normal(size=(d, d))  # part of e is a linear map of the layer below's x̂
     fit = np.arange(n) % 2 == 0
-    _, w = analyse(x.astype(np.float32), xh.astype(np.float32), fit)
-    got = previous_layer_r2(xh_prev, x, xh, w, fit)
+    _, w = analyse(x.astype(np.float32), xh.astype(np.float32), fit, "affine")
+    got = previous_layer_r2(xh_prev, x, xh, w, fit, "affine")
     e = x - xh
     linear = np.hstack([x, np.ones((n, 1))]) @ w
     for name, y in (("err", e), ("linear", linear), ("nonlinear", e - linear)):

@@ -36,10 +36,16 @@ from actstore.pursuit import gradient_pursuit
 from actstore.recon import read_recon
 from actstore.saeio import EvalSAE, load_eval_sae
 
+PROBES = ("linear", "affine")  # 004 Eq. 10/11: y ≈ b·x (linear); affine adds an intercept (our earlier choice)
 
-def fit_affine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares y ≈ [x, 1] @ W (float64); W has d_x + 1 rows, the last the intercept."""
-    a = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+
+def fit_affine(x: np.ndarray, y: np.ndarray, intercept: bool = True) -> np.ndarray:
+    """Least squares y ≈ [x, 1] @ W (float64); W has d_x + 1 rows, the last the intercept (0 without one)."""
+    x = x.astype(np.float64)
+    if not intercept:
+        w = np.linalg.lstsq(x, y.astype(np.float64), rcond=None)[0]
+        return np.concatenate([w, np.zeros_like(w[:1])])
+    a = np.hstack([x, np.ones((len(x), 1))])
     return np.linalg.lstsq(a, y.astype(np.float64), rcond=None)[0]
 
 
@@ -52,11 +58,15 @@ def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
 
 
-def analyse(x: np.ndarray, xh: np.ndarray, fit: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
-    """Dark-matter numbers of one SAE on (n, d) tokens; `fit` marks the fit split. Returns (row, W)."""
+def analyse(
+    x: np.ndarray, xh: np.ndarray, fit: np.ndarray, probe: str = "linear"
+) -> tuple[dict[str, float], np.ndarray]:
+    """Dark-matter numbers of one SAE on (n, d) tokens; `fit` marks the fit split; `probe` is one of PROBES.
+    Returns (row, W)."""
     e = x - xh
     test = ~fit
-    w = fit_affine(x[fit], e[fit])
+    intercept = probe == "affine"
+    w = fit_affine(x[fit], e[fit], intercept)
     lin = apply_affine(w, x[test])
     nonlin = e[test] - lin
     sst = ((x[test] - x[test].mean(0)) ** 2).sum()
@@ -78,12 +88,12 @@ def analyse(x: np.ndarray, xh: np.ndarray, fit: np.ndarray) -> tuple[dict[str, f
     # add up on held-out data (the cross term 2Σ⟨lin, nonlin⟩ is zero only on the fit split).
     row["fvu_linear"] = row["fvu"] - row["fvu_nonlinear"]
     for name, y in targets.items():
-        wn = fit_affine(x[fit], y[fit])
+        wn = fit_affine(x[fit], y[fit], intercept)
         row[f"norm_r2_{name}"] = float(r2_score(y[test], apply_affine(wn, x[test])))
     return row, w
 
 
-def pursuit_row(sae: EvalSAE, x: np.ndarray, fit: np.ndarray) -> dict[str, float]:
+def pursuit_row(sae: EvalSAE, x: np.ndarray, fit: np.ndarray, probe: str = "linear") -> dict[str, float]:
     """FVU and nonlinear FVU of gradient pursuit's reconstructions at each token's own L0 (004 §6.1): the
     probe refitted on them, scored on the same held-out tokens as the SAE's own numbers."""
     xt = torch.from_numpy(x).float()
@@ -91,7 +101,7 @@ def pursuit_row(sae: EvalSAE, x: np.ndarray, fit: np.ndarray) -> dict[str, float
     cpu_sae = sae.to("cpu")
     l0 = torch.cat([(cpu_sae.encode(part).top_acts != 0).sum(-1) for part in xt.split(4096)])
     x_gp = gradient_pursuit(xt, w_dec, b_dec, l0).numpy()
-    gp, _ = analyse(x, x_gp, fit)
+    gp, _ = analyse(x, x_gp, fit, probe)
     return {"fvu_pursuit": gp["fvu"], "fvu_nonlinear_pursuit": gp["fvu_nonlinear"]}
 
 
@@ -118,14 +128,16 @@ def previous_sae(evaluated: pl.DataFrame, sae: dict[str, Any]) -> dict[str, Any]
     )
 
 
-def previous_layer_r2(xh_prev: np.ndarray, x: np.ndarray, xh: np.ndarray, w: np.ndarray, fit: np.ndarray) -> dict:
-    """Held-out R² (mean over dimensions, like vector_r2) of affine maps from the previous layer's SAE output
-    to this SAE's error, its LinearError and its NonlinearError."""
+def previous_layer_r2(
+    xh_prev: np.ndarray, x: np.ndarray, xh: np.ndarray, w: np.ndarray, fit: np.ndarray, probe: str = "linear"
+) -> dict:
+    """Held-out R² (mean over dimensions, like vector_r2) of maps (of the `probe` form) from the previous
+    layer's SAE output to this SAE's error, its LinearError and its NonlinearError."""
     e = (x - xh).astype(np.float64)
     linear = apply_affine(w, x)
     out = {}
     for name, y in (("err", e), ("linear", linear), ("nonlinear", e - linear)):
-        wp = fit_affine(xh_prev[fit], y[fit])
+        wp = fit_affine(xh_prev[fit], y[fit], probe == "affine")
         out[f"prev_r2_{name}"] = float(np.mean(r2_score(y[~fit], apply_affine(wp, xh_prev[~fit]))))
     return out
 
@@ -197,6 +209,11 @@ class DarkmatterOptions:
         False,
         "Write e, LinearError and NonlinearError into the eval store as acts/<sae_id>.<part>, for `actstore train` (004 §5.2).",
     )
+    probe: str = option(
+        "linear",
+        "The probes' form: linear (004 Eq. 10/11: b·x, no intercept) or affine (b·x + c).",
+        choices=PROBES,
+    )
     batch_size: int = option(16, "Sequences per forward pass of the patches.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
     compute_dtype: str = option("float32", "Dtype the model runs in.", choices=tuple(COMPUTE_DTYPES))
@@ -243,14 +260,17 @@ def darkmatter(
         seq_len, d = x.shape[1], x.shape[2]
         fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
         x, xh = x.reshape(-1, d), xh.reshape(-1, d)
-        row, w = analyse(x, xh, fit)
+        row, w = analyse(x, xh, fit, options.probe)
         eval_sae = load_eval_sae(sae["path"], sae_id)
         if options.pursuit:
-            row |= pursuit_row(eval_sae, x, fit)
+            row |= pursuit_row(eval_sae, x, fit, options.probe)
         if options.prev_layer:
             prev = below[sae_id]
             xh_prev = read_recon(group, prev["hook"], prev["sae_id"], slice(0, n_seq))[:, options.min_pos :]
-            row |= {"prev_sae_id": prev["sae_id"], **previous_layer_r2(xh_prev.reshape(-1, d), x, xh, w, fit)}
+            row |= {
+                "prev_sae_id": prev["sae_id"],
+                **previous_layer_r2(xh_prev.reshape(-1, d), x, xh, w, fit, options.probe),
+            }
         del x, xh
         if options.write_errors:
             write_errors(group, sae["store"], hook, sae_id, w, int(sae["n_seq"]), options.batch_size)
@@ -267,7 +287,11 @@ def darkmatter(
             group, models[name], eval_sae.to(options.device), (probe_w, probe_b),
             range(1, n_seq, 2), sae["patch_pos"], options, progress,
         )  # fmt: skip
-        split = {"min_pos": options.min_pos, "split": "even sequences fit, odd sequences score"}
+        split = {
+            "min_pos": options.min_pos,
+            "split": "even sequences fit, odd sequences score",
+            "probe_form": options.probe,
+        }
         frame = pl.DataFrame([{"hook": hook, "store": sae["store"], **split, **row, "probe": str(probe)}])
         rundir.write_tables(
             run, sae_id, {"darkmatter": frame, "darkmatter_tokens": patched.with_columns(store=pl.lit(sae["store"]))}
