@@ -53,6 +53,11 @@ def setup_statements(root: Path) -> list[str]:
     statements = []
     for view, table, where in views():  # partition keys stay text: a hash or an sae_id of digits is not a number
         parts = rundir.part_files(root, table)
+        if parts and where and not _has_column(parts, where.split()[0]):  # records older than the filter's column
+            if "NOT NULL" in where:
+                parts = []  # such records hold no single-position evaluation
+            else:
+                where = None
         if parts:
             listed = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in parts)
             statements.append(  # union_by_name: files written by an older schema may lack newer columns
@@ -64,6 +69,10 @@ def setup_statements(root: Path) -> list[str]:
             statements.append(f"CREATE VIEW {view} AS {empty_view_sql(table)};")
     statements.append(macros())
     return statements
+
+
+def _has_column(parts: list[Path], column: str) -> bool:
+    return any(column in pl.read_parquet_schema(p) for p in parts)
 
 
 def macros() -> str:

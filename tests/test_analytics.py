@@ -773,3 +773,12 @@ def test_lr_sweep_marks_the_rate_with_the_lowest_held_out_fvu(sweep_run, tmp_pat
     want = [float(tokens["sse"].sum() * scale / tokens["sst"].sum()) for scale in (1.0, *rates.values())]
     np.testing.assert_allclose(out["fvu"].to_numpy(), want, rtol=1e-5)
     assert out["best"].to_list() == [False, True, False, False] and not out["best_at_edge"].any()
+
+
+def test_records_written_before_the_patch_pos_key_read_as_every_position(tmp_path):
+    run, rng = str(tmp_path / "run"), np.random.default_rng(3)
+    _write_sae(run, f"{HOOKS[0]}__k8_s0", HOOKS[0], 8, 0, _tokens(rng, 0.9), rng=rng)
+    (part,) = rec.part_files(run, "tokens")
+    pl.read_parquet(part).drop("patch_pos").write_parquet(part)  # an older actstore's file
+    assert sql(run, "SELECT count(*) AS n FROM tokens")["n"][0] == pl.read_parquet(part).height
+    assert sql(run, "SELECT count(*) AS n FROM tokens_single")["n"][0] == 0
