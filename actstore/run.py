@@ -165,7 +165,12 @@ def read_table(run: str | Path, table: str) -> pl.DataFrame:
     files = part_files(run, table)
     if not files:
         return pl.DataFrame()
-    return pl.read_parquet(files, hive_partitioning=True)
+    try:
+        return pl.read_parquet(files, hive_partitioning=True)
+    except pl.exceptions.SchemaError:  # files of an older schema beside newer ones: union by name
+        parts = [pl.read_parquet(f).with_columns(pl.lit(f.parent.name.split("=", 1)[1]).alias(TABLES[table].partition))
+                 for f in files]  # fmt: skip
+        return pl.concat(parts, how="diagonal_relaxed")
 
 
 def saes_row(

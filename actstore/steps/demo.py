@@ -5,9 +5,10 @@ d 192) at three matched relative depths (1/6, 3/6, 5/6: tiny's layers 1, 3, 5 an
 Per model it harvests a train store and a disjoint eval store, then trains in one run: a k sweep at every
 depth at the small budget (seed 0), and at mid depth, low k, both budgets with three seeds, each seed also
 drawing its own data order (real repeats). It evaluates every SAE on its model's eval store, fits the
-dark-matter probes of the k sweep, and prints from DuckDB queries: study 003's training summary, the
-summary with bootstrap CIs, study 000's mid-depth Δ table, its correlation and k* tables, study 002's
-budget table, the KL gap, dark matter and the participation ratio; then writes the report and a bundle.
+dark-matter probes of the k sweep (with gradient pursuit), runs study 001's ε-random z-scores for one SAE,
+and prints from DuckDB queries: study 003's training summary, the summary with bootstrap CIs, study 000's
+mid-depth Δ table, its correlation and k* tables, study 002's budget table, the KL gap, the z-score line,
+dark matter and the participation ratio; then writes the report and a bundle.
 `Plan` and `build` are what `examples/` reuse with other models, hooks and budgets.
 """
 
@@ -25,7 +26,7 @@ from actstore import studies
 from actstore.analytics import format_table, query
 from actstore.run import SAESpec
 from actstore.steps.bundle import create
-from actstore.steps.darkmatter import darkmatter
+from actstore.steps.darkmatter import DarkmatterOptions, darkmatter
 from actstore.steps.evaluate import EvalOptions, evaluate
 from actstore.steps.harvest import HarvestOptions, harvest
 from actstore.steps.report import report
@@ -53,6 +54,10 @@ class Plan:
     seq_len: int = 128
     eval_seqs: int = 96
     kstar_targets: str = "0.9,0.95"
+    darkmatter_min_pos: int = 25  # 004 fits past position 200 of 1,024: the same share of our 128
+    eps_k: int = 16  # study 001's z-scores: this k at the smaller model's mid depth, …
+    eps_pos: int = 48  # … position 48 alone patched (as 001), …
+    eps_draws: int = 200  # … among this many ε-random draws per sequence (001: 500)
 
     def specs(self, model: str) -> list[SAESpec]:
         hooks = self.models[model]
@@ -121,11 +126,20 @@ def demo(out: str = "demo", progress: bool = True, plan: Plan | None = None) -> 
         for m in plan.models
         for s in sweep(list(plan.models[m]), list(plan.ks), [plan.expansion], [plan.budgets[0]], [0])
     }
-    if rundir.read_table(run, "darkmatter").is_empty():
-        say("\n== dark matter of the k sweep: linear error probes, then x̂ + each part of the error patched in")
-        darkmatter(run, only=main_ids, progress=progress)
+    dm_done = rundir.read_table(run, "darkmatter")
+    if dm_done.is_empty() or "probe_form" not in dm_done.columns or dm_done["fvu_pursuit"].is_null().any():
+        say("\n== dark matter of the k sweep: linear error probes and gradient pursuit, then x̂ + each part patched in")
+        darkmatter(run, DarkmatterOptions(min_pos=plan.darkmatter_min_pos), only=main_ids, progress=progress)
     small, large = list(plan.models)
     t1 = plan.budgets[0]
+    eps_sae = SAESpec(plan.models[small][plan.mid], plan.eps_k, plan.expansion, t1, 0).sae_id
+    if query(run, "eps_zscores").filter(pl.col("sae_id") == eps_sae).is_empty():
+        say(
+            f"\n== study 001's z-scores: {eps_sae} at position {plan.eps_pos} alone, among {plan.eps_draws} ε-random draws"
+        )
+        options = EvalOptions(max_seqs=plan.eval_seqs, patch_pos=plan.eps_pos, eps_draws=plan.eps_draws)
+        store = str(Path(out) / f"{small.replace('/', '_')}.eval.zarr")
+        evaluate(store, run, [str(rundir.sae_dir(run, eps_sae))], options, progress=progress)
 
     def show(title: str, df: pl.DataFrame) -> None:
         say(f"query: {title.split(' (')[0]}")
@@ -147,11 +161,22 @@ def demo(out: str = "demo", progress: bool = True, plan: Plan | None = None) -> 
     gap = query(run, "kl_gap").filter(pl.col("baseline") == "eps", pl.col("sae_id").is_in(main_ids))
     show("KL gap to the eps-random baseline (sql/kl_gap.sql), the k sweep",
          gap.select(pl.col("model").str.slice(0, 12), "hook", "k", "kl_sae", "kl_baseline", "gap", "share_sae_worse"))  # fmt: skip
+    z = query(run, "eps_zscores").filter(pl.col("sae_id") == eps_sae).row(0, named=True)
+    say("query: eps_zscores")
+    print(
+        f"\n== study 001, how pathological (sql/eps_zscores.sql): {small} {z['hook']} k={z['k']}, position "
+        f"{z['patch_pos']} alone, {z['n_draws']} ε-random draws per sequence: the SAE's KL is a median "
+        f"{z['z_median']:+.2f} SDs from the draws' mean (p90 {z['z_p90']:+.2f}); {z['share_z_above_1_96']:.0%} of "
+        f"{z['n_tokens']} tokens above z = 1.96; KL {z['kl_sae']:.4f} vs {z['kl_draws']:.4f} (gap {z['gap']:.2f})"
+    )
     dm = query(run, "darkmatter").join(
         query(run, "darkmatter_patch").select("sae_id", "closed_linear", "closed_nonlinear"), on="sae_id"
     )
-    show("dark matter (sql/darkmatter.sql, sql/darkmatter_patch.sql), the k sweep",
-         dm.select("hook", "k", "vector_r2", "fvu", "fvu_linear", "fvu_nonlinear", "norm_r2_err", "closed_linear", "closed_nonlinear"))  # fmt: skip
+    show(f"dark matter (study 004; sql/darkmatter.sql, sql/darkmatter_patch.sql), the k sweep, positions ≥ "
+         f"{plan.darkmatter_min_pos}: linear probe b·x, FVU = linear + nonlinear on held-out sequences, "
+         "gradient pursuit at the SAE's own L0",
+         dm.select(pl.col("model").str.slice(0, 12), "layer", "k", "vector_r2", "fvu", "fvu_linear", "fvu_nonlinear",
+                   "fvu_pursuit", "fvu_nonlinear_pursuit", "norm_r2_err", "closed_linear", "closed_nonlinear"))  # fmt: skip
     show("participation ratio of each hook (sql/layers.sql)",
          query(run, "layers").select(pl.col("model").str.slice(0, 12), "hook", "d_model", "pr", "pr_deflated", "top_share"))  # fmt: skip
 
