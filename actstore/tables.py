@@ -63,6 +63,13 @@ def _patch_columns() -> str:
     for patch in PATCHES:
         lines.append(f"ce_{patch} FLOAT cross-entropy with {what[patch]} patched in at the hook")
         lines.append(f"kl_{patch} FLOAT KL(P_clean ‖ Q) over the vocabulary with {what[patch]} patched in")
+    lines += [
+        "grad_norm FLOAT ‖∂(Σ CE)/∂x‖ at the token (eval --sensitivity; NULL without)",
+        "iso_sens FLOAT Hutchinson estimate of tr(JᵀFJ)/d: an isotropic error of norm r has swd ½r²·iso_sens",
+    ]
+    for patch in PATCHES:
+        lines.append(f"fo_{patch} FLOAT g·δ for {what[patch]}: its first-order share of the summed CE change")
+        lines.append(f"swd_{patch} FLOAT ½ (Jδ)ᵀF(Jδ) for {what[patch]}: the second-order expansion of its KL")
     return "\n".join(lines)
 
 

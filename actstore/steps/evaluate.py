@@ -30,6 +30,7 @@ from actstore.patching import Batch, Patcher, batches, place
 from actstore.progress import plural_saes, token_bar
 from actstore.recon import recon_array
 from actstore.saeio import EvalSAE, load_eval_sae
+from actstore.sensitivity import BatchSensitivity, check_differentiable
 from actstore.steps.layers import write_layers
 
 
@@ -47,6 +48,12 @@ class EvalOptions:
         None,
         "With --patch-pos P: N ε-random draws at P per sequence, the SAE's KL as a z-score among them (study 001).",
     )
+    sensitivity: bool = option(
+        False,
+        "Also the gradient at the hook and the pullback Fisher of every patch: grad_norm, iso_sens, fo_*, swd_*.",
+        flag="--sensitivity/--no-sensitivity",
+    )
+    probes: int = option(8, "Hutchinson probes per batch for iso_sens (with --sensitivity).")
     max_seqs: int | None = option(None, "Evaluate only the first N sequences of the store.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
     compute_dtype: str = option("float32", "Dtype the model runs in.", choices=tuple(COMPUTE_DTYPES))
@@ -56,6 +63,7 @@ class EvalOptions:
         positive("max_seqs", self.max_seqs, allow_none=True)
         positive("patch_pos", self.patch_pos, allow_none=True, minimum=0)
         positive("eps_draws", self.eps_draws, allow_none=True, minimum=2)
+        positive("probes", self.probes)
         if self.eps_draws is not None and self.patch_pos is None:
             raise UsageError("--eps-draws needs --patch-pos P: the draws replace one position (study 001 used 48)")
         check_runtime(self.device, self.compute_dtype)
@@ -231,6 +239,8 @@ def _evaluate_hook(
 ) -> dict[str, dict[str, pl.DataFrame]]:
     seq_len = int(group["tokens"].shape[1])
     patcher = Patcher(model, hook)
+    if o.sensitivity:
+        check_differentiable(patcher)
     recon = {s.sae_id: recon_array(group, hook, s.sae_id) for s in saes}
     collected = {s.sae_id: _Collected() for s in saes}
     bar = token_bar(progress, n_seq * seq_len, f"eval {hook} ({plural_saes(len(saes))})")
@@ -240,6 +250,11 @@ def _evaluate_hook(
         base = {**batch.token_key(), "ce_orig": clean.ce.cpu().numpy()}
         zero = place(x_live, torch.zeros_like(x_live), o.patch_pos)
         base["ce_zero"], base["kl_zero"] = clean.score(patcher.logits(batch.tokens, zero))
+        sens = None
+        if o.sensitivity:  # shared by every SAE of the hook: the gradient and iso_sens's probes
+            probe_gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b + 500_000_009)
+            sens = BatchSensitivity(patcher, batch, o.probes, probe_gen, o.patch_pos)
+            base |= sens.shared() | sens.columns("zero", zero)
         for s in saes:
             xf = x.reshape(-1, d)
             codes = s.encode(xf)
@@ -250,6 +265,8 @@ def _evaluate_hook(
             for name, candidate in patches.items():
                 replacement = place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos)
                 row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, replacement))
+                if sens is not None:
+                    row |= sens.columns(name, replacement)
             collected[s.sae_id].add(row, *sparse_codes(batch, *codes))
             if o.eps_draws is not None:
                 collected[s.sae_id].add_draws(*draw_batch(patcher, batch, xh, o.patch_pos, o.eps_draws, o.seed))
