@@ -230,6 +230,16 @@ def sweep_run(tmp_path_factory):
             sae, frame = f"{BUDGET_HOOK}__k8_t{tokens}_s{seed}", _tokens(rng, quality)
             _write_sae(run, sae, BUDGET_HOOK, 8, seed, frame, tokens=tokens, rng=rng, extras=True)
     _positions_at_the_mean(run, (*HOOKS, BUDGET_HOOK))
+    for k in (8, 16, 32):  # eval --sensitivity at one hook: numbers of the right scale, derived from the records
+        for seed in (0, 1):
+            sae = f"{HOOKS[1]}__k{k}_s{seed}"
+            t = _frame(run, sae).drop("sae_id")
+            t = t.with_columns(
+                fo_patched=(pl.col("ce_patched") - pl.col("ce_orig")).fill_null(0) * 0.8,
+                swd_patched=pl.col("kl_patched").fill_null(0) * 0.9, swd_eps=pl.col("kl_eps").fill_null(0) * 1.1,
+                iso_sens=pl.col("kl_eps").fill_null(0) / (0.5 * pl.col("sse")) + 1e-3,
+            )  # fmt: skip
+            rec.write_tables(run, sae, {"tokens": t})
     single = f"{HOOKS[0]}__k8_s0"  # eval --patch-pos 3 --eps-draws 50 beside its every-position records
     rec.write_tables(run, single, {"tokens": _frame(run, single).drop("sae_id").with_columns(patch_pos=3)}, part="pos3")
     kl = rng.gamma(2.0, 0.01, (2, N_SEQ))
@@ -782,3 +792,68 @@ def test_records_written_before_the_patch_pos_key_read_as_every_position(tmp_pat
     pl.read_parquet(part).drop("patch_pos").write_parquet(part)  # an older actstore's file
     assert sql(run, "SELECT count(*) AS n FROM tokens")["n"][0] == pl.read_parquet(part).height
     assert sql(run, "SELECT count(*) AS n FROM tokens_single")["n"][0] == 0
+
+
+def test_proxy_leaderboard_leave_one_cell_out_matches_numpy(tmp_path):
+    run, rng = str(tmp_path / "run"), np.random.default_rng(5)
+    for i, q in enumerate((0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.96)):
+        t = _tokens(rng, q)
+        extra = np.random.default_rng(100 + i)
+        n = t.height
+        t = t.with_columns(  # sensitivity columns on all but the last cell: the comparison uses the six
+            fo_patched=pl.Series(extra.normal(0.01 * (1 - q), 0.01, n), dtype=pl.Float32),
+            swd_patched=pl.Series(extra.gamma(2, 0.01 * (1 - q), n), dtype=pl.Float32),
+            iso_sens=pl.Series(extra.gamma(2, 0.1, n), dtype=pl.Float32),
+        )
+        if i == 6:
+            t = t.with_columns(pl.lit(None, pl.Float32).alias(c) for c in ("fo_patched", "swd_patched", "iso_sens"))
+        _write_sae(run, f"{HOOKS[0]}__k{8 + i}_s0", HOOKS[0], 8 + i, 0, t, rng=rng)
+    _positions_at_the_mean(run, (HOOKS[0],))
+    out = query(run, "proxy_leaderboard", n_boot=200)
+    rows = _every(run).join(rec.read_table(run, "saes").select("sae_id", "d_model"), on="sae_id")
+    cells = []
+    for _, g in rows.group_by("sae_id"):
+        f = {
+            c: g[c].cast(pl.Float64).to_numpy()
+            for c in (
+                "ce_patched",
+                "ce_orig",
+                "kl_patched",
+                "sse",
+                "sst",
+                "cos",
+                "relerr",
+                "fo_patched",
+                "swd_patched",
+                "iso_sens",
+            )
+        }
+        ce = ~np.isnan(f["ce_orig"])
+        if np.isnan(f["fo_patched"]).all():
+            continue
+        cells.append({
+            "ce_rec": 2 - f["ce_patched"][ce].sum() / f["ce_orig"][ce].sum(), "kl": np.nanmean(f["kl_patched"]),
+            "fvu": f["sse"].sum() / f["sst"].sum(), "mse": f["sse"].sum() / (len(g) * g["d_model"][0]),
+            "cos": f["cos"].mean(), "relerr": f["relerr"].mean(), "fo": f["fo_patched"].mean(),
+            "swd": f["swd_patched"].mean(), "alignment": f["swd_patched"].sum() / (0.5 * f["sse"] * f["iso_sens"]).sum(),
+        })  # fmt: skip
+    assert len(cells) == 6
+    for target in ("ce_rec", "kl"):
+        y = np.array([c[target] for c in cells])
+        want = {}
+        for proxy in ("fvu", "mse", "cos", "relerr", "fo", "swd", "alignment"):
+            x = np.array([c[proxy] for c in cells])
+            errs = []
+            for i in range(len(x)):  # refit without cell i, predict it
+                keep = np.arange(len(x)) != i
+                b, a = np.polyfit(x[keep], y[keep], 1)
+                errs.append(y[i] - (a + b * x[i]))
+            want[proxy] = np.sqrt(np.mean(np.square(errs)))
+            got = out.filter(pl.col("target") == target, pl.col("proxy") == proxy).row(0, named=True)
+            assert got["n_cells"] == 6
+            assert got["loo_rmse"] == pytest.approx(want[proxy], rel=1e-6), (target, proxy)
+            assert got["loo_r2"] == pytest.approx(1 - np.sum(np.square(errs)) / np.sum((y - y.mean()) ** 2), rel=1e-6)
+        ranked = out.filter(pl.col("target") == target).sort("rank")["proxy"].to_list()
+        assert ranked == sorted(want, key=want.get)
+        shares = out.filter(pl.col("target") == target)["share_first"].fill_null(0)
+        assert shares.sum() == pytest.approx(1.0, abs=0.05)  # ties aside, one proxy ranks first per resample

@@ -521,3 +521,26 @@ def test_previous_layer_r2_and_the_matching_sae_below():
     assert previous_sae(rows, rows.row(2, named=True))["sae_id"] == "b2"  # the same k one layer below
     with pytest.raises(UsageError, match="one layer below"):
         previous_sae(rows, rows.row(0, named=True))
+
+
+def test_eval_sensitivity_columns_and_the_sensitivity_query(evaluated, tmp_path):
+    store, run0 = evaluated
+    run = str(tmp_path / "run")
+    sae_dir = sorted(__import__("pathlib").Path(run0, "saes").iterdir())[1]  # the hook at layer 3
+    evaluate(store, run, [str(sae_dir)], EvalOptions(batch_size=4, max_seqs=8, sensitivity=True, probes=2))
+    t = read_table(run, "tokens")
+    for col in ("grad_norm", "iso_sens", "fo_patched", "swd_patched", "fo_eps", "swd_eps", "fo_zero", "swd_zero"):
+        assert t[col].null_count() == 0, col
+    assert (t["swd_patched"] >= 0).all() and (t["iso_sens"] > 0).all()
+    out = query(run, "sensitivity", n_boot=50).row(0, named=True)
+    f = {
+        c: t[c].to_numpy().astype(np.float64)
+        for c in ("swd_patched", "sse", "iso_sens", "swd_eps", "kl_patched", "kl_eps", "fo_patched")
+    }
+    assert out["alignment"] == pytest.approx(f["swd_patched"].sum() / (0.5 * f["sse"] * f["iso_sens"]).sum(), rel=1e-5)
+    assert out["analytic_gap"] == pytest.approx(f["swd_patched"].sum() / f["swd_eps"].sum(), rel=1e-5)
+    assert out["measured_gap"] == pytest.approx(f["kl_patched"].sum() / f["kl_eps"].sum(), rel=1e-5)
+    d_ce = (t["ce_patched"] - t["ce_orig"]).drop_nulls().cast(pl.Float64)
+    assert out["fo_ratio"] == pytest.approx(f["fo_patched"].sum() / d_ce.sum(), rel=1e-4)
+    assert out["alignment_lo"] <= out["alignment"] <= out["alignment_hi"]
+    assert 0.3 < out["eps_alignment"] < 3  # an isotropic error is about as sensitive as iso_sens says

@@ -93,7 +93,9 @@ def test_fisher_quadratic_tends_to_the_measured_single_position_kl(setup):
         logp = batch.clean.logp[rows].double()
         kl = (logp.exp() * (logp - logq)).sum(-1)
         errors.append((swd.double() / kl - 1).abs().max().item())
-    assert errors[1] < 0.15 and errors[1] < errors[0] / 2  # the third-order rest shrinks with the step (0.43 → 0.10 here)
+    assert (
+        errors[1] < 0.15 and errors[1] < errors[0] / 2
+    )  # the third-order rest shrinks with the step (0.43 → 0.10 here)
 
 
 def test_hutchinson_matches_the_exact_trace_within_its_standard_error(setup):
