@@ -206,6 +206,42 @@ def plot_eps_zscores(df: pl.DataFrame) -> Figure:
     return fig
 
 
+def plot_sensitivity(df: pl.DataFrame) -> Figure:
+    fig, axes = pt.grid(3, 3, 4.3, 3.9)
+    colors, markers = pt.hook_k_styles(fig, df)
+    panels = [
+        ("d_ce", "d_ce_first_order", "measured ΔCE per token", "first-order g·δ per token"),
+        ("kl", "swd", "measured KL per token", "Fisher ½(Jδ)ᵀF(Jδ) per token"),
+    ]
+    for ax, (mx, my, xl, yl) in zip(axes[:2], panels, strict=True):
+        for (hook, k), s in df.group_by(["hook", "k"], maintain_order=True):
+            ax.scatter(s[mx], s[my], marker=markers[hook], color=colors[k], s=30)
+        both = pl.concat([df[mx], df[my]]).drop_nulls()
+        ax.plot([both.min(), both.max()], [both.min(), both.max()], color="grey", ls="--", lw=1)
+        ax.set(xlabel=xl, ylabel=yl, title=f"predicted against measured ({my})")
+    ax = axes[2]
+    for (hook, k), s in df.group_by(["hook", "k"], maintain_order=True):
+        low, high = s["alignment"] - s["alignment_lo"], s["alignment_hi"] - s["alignment"]
+        ax.errorbar(s["k"], s["alignment"], yerr=[low.fill_null(0), high.fill_null(0)], fmt=markers[hook],
+                    color=colors[k], ms=5, capsize=2)  # fmt: skip
+    ax.axhline(1, color="grey", ls="--", lw=1)
+    ax.set(xlabel="k", ylabel="alignment (swd / ½‖e‖²·iso_sens)", title="the analytic KL gap, 95% CI")
+    return fig
+
+
+def plot_proxy_leaderboard(df: pl.DataFrame) -> Figure:
+    targets = df["target"].unique(maintain_order=True).to_list()
+    fig, axes = pt.grid(len(targets), 2, 5.0, 3.6)
+    for ax, target in zip(axes, targets, strict=True):
+        part = df.filter(pl.col("target") == target).sort("rank", descending=True)
+        ax.barh(part["proxy"], part["loo_r2"], color="tab:blue")
+        for y, (r2, share) in enumerate(zip(part["loo_r2"], part["share_first"].fill_null(0), strict=True)):
+            ax.annotate(f" first in {share:.0%}", (max(r2, 0), y), va="center", fontsize=7)
+        ax.axvline(0, color="grey", lw=1)
+        ax.set(title=f"predicting {target} across cells", xlabel="held-out R² (leave one cell out)")
+    return fig
+
+
 # ---- the report's figures: which function draws which query, and what healthy looks like ---------------
 
 
@@ -291,6 +327,22 @@ FIGURES = [
         plot=plot_eps_zscores,
         what="Per token at eval's --patch-pos, the SAE's KL in SDs above N ε-random errors of its size (eval --eps-draws N).",
         healthy="Healthy: centred near 0 like one more draw; a long right tail means some reconstructions are very bad.",
+    ),
+    FigureSpec(
+        name="sensitivity",
+        title="Sensitivity: predicted against measured damage",
+        query="sensitivity",
+        plot=plot_sensitivity,
+        what="Per SAE (eval --sensitivity): g·δ against measured ΔCE, the Fisher quadratic against measured KL, and the alignment ratio.",
+        healthy="Healthy: points near y = x for small errors; alignment above 1 means the error points where the model is sensitive.",
+    ),
+    FigureSpec(
+        name="proxy_leaderboard",
+        title="Which proxy predicts behaviour: held-out cells",
+        query="proxy_leaderboard",
+        plot=plot_proxy_leaderboard,
+        what="Leave-one-cell-out R² of CE_rec and KL from each proxy alone; the share of cell resamples in which it ranks first.",
+        healthy="Healthy: the best proxy first in most resamples; a sensitivity-weighted one above fvu (1 − R²) is study 002's D2 result.",
     ),
     FigureSpec(
         name="participation_ratio",

@@ -63,6 +63,13 @@ def _write_sae(run: Path, hook: str, k: int, rng: np.random.Generator) -> str:
             **{f"{m}_{b}": u(0.01, 0.1) for b in ("eps", "samecos", "actdiff") for m in ("ce", "kl")},
         }
     )
+    other = np.random.default_rng(k)  # eval --sensitivity's columns, drawn apart (the draws below stay)
+    tokens = tokens.with_columns(
+        fo_patched=(pl.col("ce_patched") - pl.col("ce_orig")) * other.uniform(0.5, 1.5, n),
+        swd_patched=pl.col("kl_patched") * other.uniform(0.5, 1.5, n),
+        swd_eps=pl.col("kl_eps") * other.uniform(0.5, 1.5, n),
+        iso_sens=pl.col("kl_eps") / (0.5 * pl.col("sse")) * other.uniform(0.5, 1.5, n),
+    )
     latent = np.argsort(rng.random((n, D_SAE - DEAD)), axis=1)[:, :k]
     codes = pl.DataFrame(
         {
