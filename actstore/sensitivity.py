@@ -55,10 +55,24 @@ def hook_gradient(patcher: Patcher, batch: Batch) -> Tensor:
 
 def jvp_logits(patcher: Patcher, batch: Batch, tangent: Tensor) -> Tensor:
     """u = ∂logits/∂x · tangent at the clean activations, (n, seq_len, d_vocab) float32."""
+    return jvp_many(patcher, batch, tangent[None])[0]
+
+
+JVP_BYTES = 1 << 29  # the tangent logits of one vmapped chunk of tangents
+
+
+def jvp_many(patcher: Patcher, batch: Batch, tangents: Tensor) -> Tensor:
+    """u for a stack of m tangents, (m, n, seq_len, d_vocab): vmapped, so the primal pass is shared (measured
+    on the tiny model: 8 JVPs cost 3.7 forward passes each vmapped, 6.5 each one by one)."""
     _frozen(patcher)
     x = batch.x_live.detach()
-    _, u = torch.func.jvp(patcher._suffix, (x,), (tangent.to(x.dtype),))
-    return u.float()
+    n, seq_len = x.shape[:2]
+    chunk = max(1, JVP_BYTES // (n * seq_len * int(patcher.model.bridge.cfg.d_vocab) * 4))
+
+    def one(tangent: Tensor) -> Tensor:
+        return torch.func.jvp(patcher._suffix, (x,), (tangent,))[1]
+
+    return torch.func.vmap(one, chunk_size=chunk)(tangents.to(x.dtype)).float()
 
 
 def fisher_quadratic(batch: Batch, u: Tensor) -> Tensor:
@@ -76,15 +90,13 @@ def fisher_quadratic(batch: Batch, u: Tensor) -> Tensor:
 def iso_sens(patcher: Patcher, batch: Batch, probes: int, gen: torch.Generator, pos: int | None) -> Tensor:
     """Hutchinson's estimate of tr(Jᵀ F J)/d per token, Gaussian probes at every position (or at `pos` only)."""
     n, seq_len, d = batch.x_live.shape
-    total = torch.zeros(n * seq_len, device=batch.x_live.device)
-    for _ in range(probes):
-        v = torch.randn((n, seq_len, d), generator=gen).to(batch.x_live.device)
-        if pos is not None:
-            keep = torch.zeros(seq_len, 1, device=v.device)
-            keep[pos] = 1
-            v = v * keep
-        total += fisher_quadratic(batch, jvp_logits(patcher, batch, v))
-    return total / (probes * d)
+    v = torch.randn((probes, n, seq_len, d), generator=gen).to(batch.x_live.device)
+    if pos is not None:
+        keep = torch.zeros(seq_len, 1, device=v.device)
+        keep[pos] = 1
+        v = v * keep
+    u = jvp_many(patcher, batch, v)
+    return sum(fisher_quadratic(batch, u[i]) for i in range(probes)) / (probes * d)
 
 
 class BatchSensitivity:
@@ -95,12 +107,17 @@ class BatchSensitivity:
         self.g = hook_gradient(patcher, batch)
         self.iso = iso_sens(patcher, batch, probes, gen, pos)
 
-    def columns(self, name: str, replacement: Tensor) -> dict[str, np.ndarray]:
-        """fo_<name> = g·δ and swd_<name> = ½ uᵀFu per token, δ = replacement − the clean activation."""
-        delta = (replacement.float() - self.batch.x_live.float()).reshape(self.batch.x_live.shape)
-        fo = (self.g * delta).sum(-1).reshape(-1)
-        swd = 0.5 * fisher_quadratic(self.batch, jvp_logits(self.patcher, self.batch, delta))
-        return {f"fo_{name}": fo.cpu().numpy(), f"swd_{name}": swd.cpu().numpy()}
+    def columns(self, replacements: dict[str, Tensor]) -> dict[str, np.ndarray]:
+        """fo_<name> = g·δ and swd_<name> = ½ uᵀFu per token for each patch, δ = replacement − the clean
+        activation; the JVPs of all patches in one vmapped call."""
+        live = self.batch.x_live.float()
+        deltas = torch.stack([(r.float() - live).reshape(live.shape) for r in replacements.values()])
+        u = jvp_many(self.patcher, self.batch, deltas)
+        out = {}
+        for i, name in enumerate(replacements):
+            out[f"fo_{name}"] = (self.g * deltas[i]).sum(-1).reshape(-1).cpu().numpy()
+            out[f"swd_{name}"] = (0.5 * fisher_quadratic(self.batch, u[i])).cpu().numpy()
+        return out
 
     def shared(self) -> dict[str, np.ndarray]:
         return {"grad_norm": self.g.norm(dim=-1).reshape(-1).cpu().numpy(), "iso_sens": self.iso.cpu().numpy()}

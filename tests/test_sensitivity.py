@@ -121,7 +121,7 @@ def test_hutchinson_matches_the_exact_trace_within_its_standard_error(setup):
 def test_batch_columns_and_the_fallback_path_refused(setup):
     model, patcher, batch = setup
     sens = BatchSensitivity(patcher, batch, 2, torch.Generator().manual_seed(0), None)
-    cols = sens.columns("patched", batch.x_live)  # no displacement: nothing to first and second order
+    cols = sens.columns({"patched": batch.x_live})  # no displacement: nothing to first and second order
     assert np.abs(cols["fo_patched"]).max() == 0 and np.abs(cols["swd_patched"]).max() == 0
     grad_norm = sens.shared()["grad_norm"].reshape(batch.x_live.shape[:2])
     assert (grad_norm[:, :-1] > 0).all() and (grad_norm[:, -1] == 0).all()  # the last position predicts nothing

@@ -58,6 +58,7 @@ class Plan:
     eps_k: int = 16  # study 001's z-scores: this k at the smaller model's mid depth, …
     eps_pos: int = 48  # … position 48 alone patched (as 001), …
     eps_draws: int = 200  # … among this many ε-random draws per sequence (001: 500)
+    sensitivity: bool = True  # eval --sensitivity for the smaller model's SAEs at mid depth (the leaderboard's cells)
 
     def specs(self, model: str) -> list[SAESpec]:
         hooks = self.models[model]
@@ -76,6 +77,7 @@ def build(out: str, plan: Plan, progress: bool = True) -> str:
     root.mkdir(parents=True, exist_ok=True)
     run = str(root / "run")
     say = _sayer(progress)
+    first = next(iter(plan.models))
     for model, hooks in plan.models.items():
         slug = model.replace("/", "_")
         stores = {"train": str(root / f"{slug}.train.zarr"), "eval": str(root / f"{slug}.eval.zarr")}
@@ -89,10 +91,19 @@ def build(out: str, plan: Plan, progress: bool = True) -> str:
             f"{repeats if plan.budget_ks else ''})")  # fmt: skip
         train(stores["train"], run, specs, plan.train_options(), progress=progress)
         todo = _not_evaluated(run, stores["eval"], [s.sae_id for s in specs])
-        if todo:
-            say(f"== eval {model}: {len(todo)} SAEs on the first {plan.eval_seqs} sequences of its eval store")
-            paths = [str(rundir.sae_dir(run, sae_id)) for sae_id in todo]
-            evaluate(stores["eval"], run, paths, EvalOptions(max_seqs=plan.eval_seqs), progress=progress)
+        sensitive = [s.sae_id for s in specs if plan.sensitivity and model == first and s.hook == hooks[plan.mid]]
+        for group, sens in (
+            ([t for t in todo if t not in sensitive], False),
+            ([t for t in todo if t in sensitive], True),
+        ):
+            if group:
+                what = " with --sensitivity (gradient and pullback Fisher)" if sens else ""
+                say(
+                    f"== eval {model}: {len(group)} SAEs on the first {plan.eval_seqs} sequences of its eval store{what}"
+                )
+                paths = [str(rundir.sae_dir(run, sae_id)) for sae_id in group]
+                options = EvalOptions(max_seqs=plan.eval_seqs, sensitivity=sens)
+                evaluate(stores["eval"], run, paths, options, progress=progress)
     return run
 
 
@@ -169,6 +180,15 @@ def demo(out: str = "demo", progress: bool = True, plan: Plan | None = None) -> 
         f"{z['z_median']:+.2f} SDs from the draws' mean (p90 {z['z_p90']:+.2f}); {z['share_z_above_1_96']:.0%} of "
         f"{z['n_tokens']} tokens above z = 1.96; KL {z['kl_sae']:.4f} vs {z['kl_draws']:.4f} (gap {z['gap']:.2f})"
     )
+    if plan.sensitivity:
+        sens = query(run, "sensitivity", n_boot=1000)
+        show("sensitivity (sql/sensitivity.sql), the smaller model at mid depth: first-order ΔCE and Fisher KL against the "
+             "measured, and the alignment ratio (the analytic KL gap) with its 95% CI",
+             sens.select("layer", "k", "train_tokens", "seed", "d_ce", "fo_ratio", "kl", "swd_ratio", "alignment",
+                         "alignment_lo", "alignment_hi", "eps_alignment", "analytic_gap", "measured_gap"))  # fmt: skip
+        show("proxy leaderboard (sql/proxy_leaderboard.sql): each proxy alone predicting a held-out cell's CE_rec and KL",
+             query(run, "proxy_leaderboard", n_boot=1000).select(
+                 "target", "rank", "proxy", "n_cells", "loo_rmse", "loo_r2", "corr", "share_first"))  # fmt: skip
     dm = query(run, "darkmatter").join(
         query(run, "darkmatter_patch").select("sae_id", "closed_linear", "closed_nonlinear"), on="sae_id"
     )

@@ -254,7 +254,7 @@ def _evaluate_hook(
         if o.sensitivity:  # shared by every SAE of the hook: the gradient and iso_sens's probes
             probe_gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b + 500_000_009)
             sens = BatchSensitivity(patcher, batch, o.probes, probe_gen, o.patch_pos)
-            base |= sens.shared() | sens.columns("zero", zero)
+            base |= sens.shared() | sens.columns({"zero": zero})
         for s in saes:
             xf = x.reshape(-1, d)
             codes = s.encode(xf)
@@ -262,11 +262,12 @@ def _evaluate_hook(
             row = {**base, **activation_metrics(xf, xh, (codes.top_acts != 0).sum(-1), mu)}
             gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b)
             patches = {"patched": xh.cpu(), **baselines(xf.cpu(), xh.cpu(), gen)}
+            placed = {}
             for name, candidate in patches.items():
-                replacement = place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos)
-                row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, replacement))
-                if sens is not None:
-                    row |= sens.columns(name, replacement)
+                placed[name] = place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos)
+                row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, placed[name]))
+            if sens is not None:
+                row |= sens.columns(placed)
             collected[s.sae_id].add(row, *sparse_codes(batch, *codes))
             if o.eps_draws is not None:
                 collected[s.sae_id].add_draws(*draw_batch(patcher, batch, xh, o.patch_pos, o.eps_draws, o.seed))
