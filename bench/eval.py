@@ -12,7 +12,8 @@ Goal: (c) ≥ 1.5× faster than (a) and within 1.15× of (b). Also the records' 
 Then `--eps-draws` (study 001's z-scores): N ε-random draws at one position of each of a few sequences,
   (d) naive: N single patches, each a full forward of the whole sequence through a hook, KL at P;
   (e) `actstore.draws.draw_batch`: the prefix 0…P only, the clean pass below the hook shared, P unembedded;
-with the largest difference between their KLs (they compute the same numbers).
+with the largest difference between their KLs (they compute the same numbers). Then `--sensitivity`:
+  (f) eval with the gradient, m Hutchinson probes and one JVP per patch, against (c), float32.
 The last line is one JSON object of the headline figures.
 """
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=500, help="ε-random draws per sequence (study 001: 500)")
     ap.add_argument("--draw-pos", type=int, default=48, help="the patched position (study 001: 48)")
     ap.add_argument("--draw-seqs", type=int, default=2, help="sequences the draws run on")
+    ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes per batch (--sensitivity)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-eval-"))
@@ -115,6 +117,14 @@ def main() -> None:
                     times[key].append(time.perf_counter() - t0)
             results[dtype] = {k: min(v) for k, v in times.items()}
 
+        model32 = load_model(name, "cpu", "float32")
+        sens = {}
+        for on in (False, True):
+            options = EvalOptions(batch_size=args.batch_size, sensitivity=on, probes=args.probes)
+            evaluate(store, str(tmp / "sens-run"), options=options, loaded=model32)  # warm-up
+            t0 = time.perf_counter()
+            evaluate(store, str(tmp / "sens-run"), options=options, loaded=model32)
+            sens[on] = time.perf_counter() - t0
         draws = bench_draws(name, g, args.hook, load_eval_sae(str(sae_dir)), args.draws, args.draw_pos, args.draw_seqs)
         records = tmp / "run" / "records"
         per_table = {t: sum(f.stat().st_size for f in (records / t).rglob("*.parquet")) for t in ("tokens", "codes")}
@@ -143,7 +153,13 @@ def main() -> None:
             "record_bytes_per_token_tokens": round(per_table["tokens"] / n_tok, 1),
             "record_bytes_per_token_codes": round(per_table["codes"] / n_tok, 1),
             "eps_draws_vs_naive": round(draws["naive"] / draws["ours"], 1),
+            "sensitivity_over_eval_fp32": round(sens[True] / sens[False], 2),
         }
+        print(
+            f"--sensitivity (float32, {args.probes} probes per batch): eval {n_tok / sens[False]:,.0f} tok/s, with it "
+            f"{n_tok / sens[True]:,.0f} tok/s: {sens[True] / sens[False]:.2f}x the time "
+            f"(1 backward, {args.probes} + {N_PATCHES} JVPs per batch; a JVP costs several forward passes on CPU)"
+        )
         print(
             f"--eps-draws {args.draws} at position {args.draw_pos} on {args.draw_seqs} sequences (float32): naive "
             f"{draws['naive']:.2f} s, draws {draws['ours']:.2f} s: {draws['naive'] / draws['ours']:.1f}x; "
