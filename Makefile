@@ -8,13 +8,14 @@ DEMO ?= demo
 # TransformerLens 3.9 is the line SAELens accepts; CI installs 4.x. `make test-tl39` runs the suite under 3.9.
 VENV39 := .venv-tl39
 
-.PHONY: setup test demo bench lint clean test-tl39
+.PHONY: setup test demo bench lint clean test-tl39 lock
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt pins every other dependency to the versions CI tested (`make lock` refreshes it).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -39,6 +40,14 @@ test-tl39:
 	$(VENV39)/bin/pip install -q $(TORCH)
 	$(VENV39)/bin/pip install -q -e '.[dev]' 'transformer_lens==3.9.*'
 	$(VENV39)/bin/python -m pytest tests
+
+# The newest versions pyproject.toml allows, installed into a scratch venv and written to constraints.txt.
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip && .venv-lock/bin/pip install -q $(TORCH)
+	.venv-lock/bin/pip install -q -e '.[dev]'
+	{ head -2 constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .venv-lock
 
 lint: setup
 	$(BIN)/ruff check actstore cli tests bench examples && $(BIN)/ruff format --check actstore cli tests bench examples

@@ -81,14 +81,41 @@ def macros() -> str:
 
 
 def connect(run_or_bundle: str):
-    """An in-memory DuckDB connection with the views and macros of `setup_statements`."""
+    """An in-memory DuckDB connection with the views and macros of `setup_statements`, confined to the run.
+
+    Once the views exist DuckDB's own switches lock it down: files are readable only inside the run (or
+    the extracted bundle), extensions are neither installed nor loaded, and the configuration is locked,
+    so SQL cannot turn any of it back on. Writing (COPY, ATTACH, CREATE …) is refused by `run_sql`.
+    """
     import duckdb
 
+    root = resolve(run_or_bundle).resolve()
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")  # DuckDB draws one on stdout for queries over ~2 s
-    for statement in setup_statements(resolve(run_or_bundle)):
+    for statement in setup_statements(root):
         con.execute(statement)
+    con.execute(f"SET allowed_directories = [{_quoted(str(root) + '/')}]")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
     return con
+
+
+# What a query may run: reading (SELECT, and EXPLAIN of one) and the named queries' own SET VARIABLE lines.
+# Everything else — COPY, ATTACH, CREATE, INSERT, INSTALL, LOAD, PRAGMA, SET of a setting — is refused.
+_READING = {"SELECT", "EXPLAIN"}
+
+
+def _check_statement(statement: Any) -> None:
+    kind = str(statement.type).rsplit(".", 1)[-1].upper()
+    text = re.sub(r"^(\s*--[^\n]*(\n|$))*", "", statement.query).strip()  # the header comments go with it
+    if kind in _READING or (kind in ("SET", "VARIABLE_SET") and re.match(r"(?i)SET\s+VARIABLE\b", text)):
+        return
+    head = " ".join(text.split()[:2])
+    raise UsageError(
+        f"actstore sql only reads: {head!r} … is not allowed (a {kind} statement); write results with --out FILE"
+    )
 
 
 def named_queries() -> dict[str, NamedQuery]:
@@ -148,9 +175,14 @@ def run_sql(con, text: str, params: dict[str, Any] | None = None) -> pl.DataFram
         if not re.fullmatch(r"\w+", key):
             raise UsageError(f"parameter name {key!r} is not an identifier; use --param name=value")
         con.execute(f"SET VARIABLE {key} = {sql_literal(value)}")
-    statements = duckdb.extract_statements(text)
+    try:
+        statements = duckdb.extract_statements(text)
+    except duckdb.Error as exc:
+        raise UsageError(f"SQL does not parse: {str(exc).strip().splitlines()[0]}") from None
     if not statements:
         raise UsageError("the SQL text is empty; give a SELECT or --query NAME")
+    for statement in statements:
+        _check_statement(statement)
     try:
         for statement in statements[:-1]:
             con.execute(statement.query).fetchall()  # a check may be a SELECT: finish it
@@ -187,7 +219,32 @@ def query(run: str, name: str, **params: Any) -> pl.DataFrame:
     unknown = sorted(set(params) - set(q.params))
     if unknown:
         raise UsageError(f"{name} has no parameter {', '.join(unknown)}; it takes: {', '.join(q.params) or 'none'}")
+    for key, value in params.items():
+        check_param(name, key, value, q.params[key][0])
     return run_sql(connect(run), q.text, params)
+
+
+# Parameters that count something: (smallest allowed value, integer?). The rest are typed by their default.
+_COUNTS = {
+    "n_boot": (0, True), "top": (1, True), "min_count": (1, True), "bucket": (1, True), "after": (0, True),
+    "last_rows": (1, True), "min_pos": (0, True), "max_pos": (0, True), "boot_n": (1, True), "seed": (0, True),
+}  # fmt: skip
+
+
+def check_param(query_name: str, key: str, value: Any, default: str) -> None:
+    """A one-line UsageError unless `value` has the type of the parameter's default (a number for a numeric
+    default) and, for a count, is a whole number at least its minimum."""
+    literal = sql_literal(value)
+    numeric_default = re.fullmatch(r"-?[\d.]+(e-?\d+)?", default.strip()) is not None
+    is_number = re.fullmatch(r"-?[\d.]+(e[-+]?\d+)?", literal) is not None
+    if (numeric_default or key in _COUNTS) and not is_number:
+        raise UsageError(f"{query_name}: {key}={value} is not a number (default {default})")
+    if key in _COUNTS:
+        low, whole = _COUNTS[key]
+        number = float(literal)
+        if number < low or (whole and not number.is_integer()):
+            kind = "a whole number" if whole else "a number"
+            raise UsageError(f"{query_name}: {key}={value} must be {kind} ≥ {low}")
 
 
 def sql(run: str, text: str, **params: Any) -> pl.DataFrame:

@@ -857,3 +857,50 @@ def test_proxy_leaderboard_leave_one_cell_out_matches_numpy(tmp_path):
         assert ranked == sorted(want, key=want.get)
         shares = out.filter(pl.col("target") == target)["share_first"].fill_null(0)
         assert shares.sum() == pytest.approx(1.0, abs=0.05)  # ties aside, one proxy ranks first per resample
+
+
+def test_sql_reads_only_inside_its_run(sweep_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "secret.csv"
+    outside.write_text("a\n1\n")
+    refused = [
+        (f"COPY (SELECT 42) TO '{tmp_path}/x.csv'", "only reads"),
+        ("ATTACH 'new.db'", "only reads"),
+        ("CREATE TABLE t AS SELECT 1", "only reads"),
+        ("INSTALL httpfs", "only reads"),
+        ("SET enable_external_access = true", "only reads"),
+        ("PRAGMA enable_profiling", "only reads"),
+        (f"SELECT * FROM read_csv('{outside}')", "SQL failed"),
+        ("SELECT * FROM read_text('/etc/passwd')", "SQL failed"),
+        ("SELEC 1", "does not parse"),
+    ]
+    for text, match in refused:
+        with pytest.raises(UsageError, match=match):
+            sql(sweep_run, text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.csv"]  # nothing written, nothing attached
+    assert sql(sweep_run, "SELECT count(*) AS n FROM saes")["n"][0] > 0  # the run itself reads as before
+    inside = rec.part_files(sweep_run, "saes")[0]
+    assert sql(sweep_run, f"SELECT count(*) AS n FROM read_parquet('{inside}')")["n"][0] == 1
+
+
+def test_named_query_parameters_are_checked_against_their_type_and_range(sweep_run):
+    for params, match in (
+        ({"n_boot": -5}, "n_boot=-5 must be a whole number ≥ 0"),
+        ({"n_boot": "many"}, "n_boot=many is not a number"),
+        ({"min_pos": 1.5}, "min_pos=1.5 must be a whole number ≥ 0"),
+    ):
+        with pytest.raises(UsageError, match=match):
+            query(sweep_run, "summary", **params)
+    with pytest.raises(UsageError, match="top=0 must be a whole number ≥ 1"):
+        query(sweep_run, "kl_gap_tokens", top=0)
+
+
+def test_cli_sql_errors_are_one_line(sweep_run):
+    from click.testing import CliRunner
+
+    from actstore.cli.main import main
+
+    for args in (["SELEC 1"], ["COPY (SELECT 1) TO 'x.csv'"], ["--query", "summary", "--param", "n_boot=-5"]):
+        result = CliRunner().invoke(main, ["sql", sweep_run, *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

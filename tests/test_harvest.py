@@ -196,3 +196,36 @@ def test_a_corpus_shorter_than_asked_gives_a_truncated_store(tmp_path):
     g = st.open_store(out)
     assert g["tokens"].shape == (10, 32) and st.committed(g) == 10 and g.attrs["truncated"]
     assert os.path.exists(out)
+
+
+def test_activations_float16_cannot_hold_are_a_one_line_error_and_the_store_resumes(tmp_path, monkeypatch):
+    import torch
+
+    from actstore.errors import StoreError
+    from actstore.steps import harvest as hv
+
+    big = torch.full((2, 3, 4), 1e5)
+    with pytest.raises(StoreError, match=r"reach 1e\+05 .*beyond what float16 holds.*--dtype bfloat16"):
+        hv._stored_finite("blocks.0.hook_resid_post", big, "float16", 0)
+    assert np.isfinite(hv._stored_finite("h", big, "float32", 0)).all()
+    assert hv._stored_finite("h", big, "bfloat16", 0).dtype == np.uint16  # bfloat16 holds 1e5
+    with pytest.raises(StoreError, match="produced NaN or inf"):
+        hv._stored_finite("h", torch.full((1, 2, 2), float("nan")), "float32", 0)
+
+    real = hv.capture
+    calls = {"n": 0}
+
+    def blows_up_on_the_second_batch(model, tokens, hooks):
+        calls["n"] += 1
+        acts = real(model, tokens, hooks)
+        return {h: a * (1e6 if calls["n"] == 2 else 1) for h, a in acts.items()}
+
+    out = str(tmp_path / "s.zarr")
+    opts = HarvestOptions(hooks=("blocks.1.hook_resid_post",), seq_len=32, tokens=16 * 32, batch_size=4, chunk_seqs=4)
+    monkeypatch.setattr(hv, "capture", blows_up_on_the_second_batch)
+    with pytest.raises(StoreError, match="beyond what float16 holds"):
+        harvest(out, opts)
+    monkeypatch.setattr(hv, "capture", real)
+    harvest(out, opts)  # the same command resumes after the committed batch
+    g = zarr.open_group(out, mode="r")
+    assert g.attrs["commit"]["n_seq"] == 16 and np.isfinite(g["acts/blocks.1.hook_resid_post"][:]).all()

@@ -431,3 +431,26 @@ def test_fvu_falls_with_k_under_the_default_recipe(tmp_path):
     train(path, run, specs, TrainOptions(batch_size=1024))
     fvu = [_np_fvu(_weights(f"{run}/saes/{s.sae_id}"), x.astype(np.float64), s.k) for s in specs]
     assert fvu[0] > fvu[1] > fvu[2], fvu
+
+
+def test_a_damaged_or_code_carrying_checkpoint_is_refused_in_one_line(small_store, tmp_path):
+    import pickle
+
+    from actstore.errors import StoreError
+    from actstore.run import SAESpec, checkpoint_path
+    from actstore.steps.train import TrainOptions, train
+
+    from .conftest import HOOKS
+
+    run = tmp_path / "run"
+    ckpt = checkpoint_path(run, HOOKS[0], small_store)
+    ckpt.parent.mkdir(parents=True)
+
+    class Payload:  # unpickling it would call print: weights_only must refuse it
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    for content in (b"\x00garbage", pickle.dumps({"key": Payload()})):
+        ckpt.write_bytes(content)
+        with pytest.raises(StoreError, match="cannot be read.*delete it"):
+            train(small_store, str(run), [SAESpec(HOOKS[0], 4, 2, 512, 0)], TrainOptions(batch_size=128))

@@ -153,6 +153,26 @@ def _existing_settings(out: str, overwrite: bool) -> dict[str, Any] | None:
     return dict(attrs["settings"])
 
 
+def _stored_finite(hook: str, acts: torch.Tensor, dtype: str, seq: int) -> np.ndarray:
+    """A batch's activations in the stored dtype, or a one-line error when a value is not finite there:
+    float16 turns anything beyond ±65,504 into ±inf (Gemma-2's residual stream gets there), and training
+    and eval would turn it into NaN much later. Batches before it are committed: the store stays resumable."""
+    stored = st.to_stored(acts.reshape(*acts.shape[:2], -1), dtype)
+    bits = stored.view(np.uint16) if dtype == "bfloat16" else None
+    ok = ((bits & 0x7F80) != 0x7F80).all() if bits is not None else np.isfinite(stored).all()
+    if ok:
+        return stored
+    if not torch.isfinite(acts).all():
+        raise StoreError(
+            f"the model produced NaN or inf at {hook} in sequences {seq}…{seq + len(acts) - 1}; check its weights and --compute-dtype"
+        )
+    peak = float(acts.float().abs().max())
+    raise StoreError(
+        f"activations at {hook} reach {peak:.4g} in sequences {seq}…{seq + len(acts) - 1}, beyond what {dtype} holds; "
+        "harvest into a new store with --dtype bfloat16 (or float32)"
+    )
+
+
 def harvest(
     out: str,
     options: HarvestOptions | None = None,
@@ -230,7 +250,7 @@ def harvest(
             _check_vocab(batch, model)
             tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
             acts = capture(model, tokens, hooks)
-            writer.put((seq, batch, {h: st.to_stored(a.reshape(*a.shape[:2], -1), o.dtype) for h, a in acts.items()}))
+            writer.put((seq, batch, {h: _stored_finite(h, a, o.dtype, seq) for h, a in acts.items()}))
             seq += len(batch)
             if bar is not None:
                 bar.update(batch.size)

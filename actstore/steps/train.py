@@ -26,7 +26,7 @@ import torch
 from actstore import __version__, atomic
 from actstore import run as rundir
 from actstore import store as st
-from actstore.errors import UsageError
+from actstore.errors import StoreError, UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
 from actstore.model import hook_layer, resolve_device
 from actstore.options import csv, option, positive
@@ -241,7 +241,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
     if not todo:
         return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
     ckpt_path = rundir.checkpoint_path(run, hook, store)
-    ckpt = torch.load(ckpt_path, weights_only=False, map_location=o.device) if ckpt_path.exists() else None
+    ckpt = _load_checkpoint(ckpt_path, o.device) if ckpt_path.exists() else None
     # A checkpoint written before some SAEs of this sweep finished still covers the rest of it.
     members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == _key(m, wanted)), None)
     if members is None:
@@ -304,6 +304,18 @@ def _undertrained(t: Trainee) -> bool | None:
 def _key(members: list[SAESpec], wanted: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's identity: which SAEs it trains, under which settings."""
     return {"specs": [asdict(s) for s in members], **wanted}
+
+
+def _load_checkpoint(path: Path, device: str) -> dict[str, Any]:
+    """A sweep's checkpoint, read with `weights_only=True` (tensors and plain containers only: a file that
+    would run code on loading is refused), or a one-line error naming it."""
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except Exception as exc:  # a damaged or foreign file: never half-resume from it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(
+            f"checkpoint {path} cannot be read ({first[:160]}); delete it to restart that sweep from its start"
+        ) from None
 
 
 def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_tokens: int) -> None:
