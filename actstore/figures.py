@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -199,7 +200,9 @@ def plot_eps_zscores(df: pl.DataFrame) -> Figure:
     for ax, (title, part) in zip(axes, panels, strict=True):
         for (_, k), s in part.group_by(["sae_id", "k"], maintain_order=True):
             label = f"{pt.k_label(k)}: median z {s['z_median'][0]:.1f}"
-            ax.step(s["z_from"], s["share"], where="post", color=colors[k], label=label)
+            edges = s["z_from"].sort().to_numpy()
+            width = float(min(np.diff(edges))) if len(edges) > 1 else 0.5  # the query's bin (empty bins are absent)
+            ax.bar(s["z_from"], s["share"], width=width, align="edge", color=colors[k], alpha=0.55, label=label)
         ax.axvline(0, color="grey", ls="--", lw=1)
         ax.set(title=title, xlabel="z of the SAE's KL among ε-random draws (SDs)", ylabel="share of tokens")
         ax.legend(fontsize=7)
