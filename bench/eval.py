@@ -121,9 +121,9 @@ def main() -> None:
         sens = {}
         for on in (False, True):
             options = EvalOptions(batch_size=args.batch_size, sensitivity=on, probes=args.probes)
-            evaluate(store, str(tmp / "sens-run"), options=options, loaded=model32)  # warm-up
+            evaluate(store, str(tmp / "sens-run"), [str(sae_dir)], options, loaded=model32)  # warm-up
             t0 = time.perf_counter()
-            evaluate(store, str(tmp / "sens-run"), options=options, loaded=model32)
+            evaluate(store, str(tmp / "sens-run"), [str(sae_dir)], options, loaded=model32)
             sens[on] = time.perf_counter() - t0
         draws = bench_draws(name, g, args.hook, load_eval_sae(str(sae_dir)), args.draws, args.draw_pos, args.draw_seqs)
         records = tmp / "run" / "records"
