@@ -35,6 +35,7 @@ from actstore.progress import token_bar
 from actstore.pursuit import gradient_pursuit
 from actstore.recon import read_recon
 from actstore.saeio import EvalSAE, load_eval_sae
+from actstore.writer_lock import exclusive
 
 PROBES = ("linear", "affine")  # 004 Eq. 10/11: y ≈ b·x (linear); affine adds an intercept (our earlier choice)
 
@@ -234,7 +235,23 @@ def darkmatter(
     only: set[str] | None = None,
 ) -> pl.DataFrame:
     """Fit the probes of every evaluated SAE of RUN (or of the sae_ids in `only`) and patch their parts;
-    returns the `darkmatter` rows."""
+    returns the `darkmatter` rows.
+
+    Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
+    """
+    with exclusive(run, "run", "actstore darkmatter"):
+        return _darkmatter(run, options, progress=progress, loaded=loaded, only=only)
+
+
+def _darkmatter(
+    run: str,
+    options: DarkmatterOptions = DarkmatterOptions(),
+    *,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+    only: set[str] | None = None,
+) -> pl.DataFrame:
+    """The work of `darkmatter`, under its writer lock."""
     saes, evals = rundir.read_table(run, "saes"), rundir.read_table(run, "evals")
     if saes.is_empty() or evals.is_empty():
         raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")

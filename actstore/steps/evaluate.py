@@ -32,6 +32,7 @@ from actstore.recon import recon_array
 from actstore.saeio import EvalSAE, load_eval_sae
 from actstore.sensitivity import BatchSensitivity, check_differentiable
 from actstore.steps.layers import write_layers
+from actstore.writer_lock import exclusive_all
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,23 @@ def evaluate(
     """Evaluate SAEs (all of RUN/saes, or `sae_paths`) on `eval_store`; returns the evaluated sae_ids.
 
     `loaded` reuses a model already booted for the store's model (benchmarks, notebooks).
+
+    Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
+    with exclusive_all("actstore eval", (run, "run"), (eval_store, "store")):
+        return _evaluate(eval_store, run, sae_paths, options, progress=progress, loaded=loaded)
+
+
+def _evaluate(
+    eval_store: str,
+    run: str,
+    sae_paths: list[str] | None = None,
+    options: EvalOptions = EvalOptions(),
+    *,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+) -> list[str]:
+    """The work of `evaluate`, under its writer lock."""
     group = st.open_store(eval_store, mode="r+")
     n_store = int(group["tokens"].shape[0])
     if st.committed(group) < n_store:

@@ -28,6 +28,7 @@ from actstore.options import build, csv, option, positive
 from actstore.progress import token_bar
 from actstore.store_writer import StoreWriter
 from actstore.units import parse_count
+from actstore.writer_lock import exclusive
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,23 @@ def harvest(
     token counts as ints or strings like "2M"). `loaded` reuses a model already booted with the same
     name, device and compute dtype (notebooks, benchmarks). With `overwrite`, a store of other settings
     is replaced only once the new one is complete: the new one grows beside it and is swapped in.
+
+    Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
+    with exclusive(out, "store", "actstore harvest"):
+        return _harvest(out, options, overwrite=overwrite, progress=progress, loaded=loaded, **kwargs)
+
+
+def _harvest(
+    out: str,
+    options: HarvestOptions | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+    **kwargs: Any,
+) -> str:
+    """The work of `harvest`, under its writer lock."""
     o = options or build(HarvestOptions, kwargs)
     out = _local_path(out)
     _check_writable(out)

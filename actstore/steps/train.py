@@ -35,6 +35,7 @@ from actstore.run import SAESpec
 from actstore.sae import AUXK_COEF
 from actstore.trainee import UNDERTRAINED, Trainee, geometric_median
 from actstore.units import parse_count
+from actstore.writer_lock import exclusive
 
 
 def _ints(name: str) -> Any:
@@ -160,7 +161,18 @@ def settings(store: str, o: TrainOptions) -> dict[str, Any]:
 def train(
     store: str, out: str, specs: list[SAESpec], options: TrainOptions = TrainOptions(), *, progress: bool = False
 ) -> list[str]:
-    """Train every SAE in `specs` on `store` into the run directory `out`; returns their directories."""
+    """Train every SAE in `specs` on `store` into the run directory `out`; returns their directories.
+
+    Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
+    """
+    with exclusive(out, "run", "actstore train"):
+        return _train(store, out, specs, options, progress=progress)
+
+
+def _train(
+    store: str, out: str, specs: list[SAESpec], options: TrainOptions = TrainOptions(), *, progress: bool = False
+) -> list[str]:
+    """The work of `train`, under its writer lock."""
     if not specs:
         raise UsageError("nothing to train: give at least one --hooks, --k, --expansion, --tokens and --seeds value")
     for spec in specs:

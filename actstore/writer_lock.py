@@ -1,0 +1,62 @@
+"""One writer at a time per store and per run: an advisory lock the operating system releases on death.
+
+Why: two harvests into one store, or a train and an eval into one run, would interleave commits and
+records. Each writing command takes an exclusive `flock` on a small file beside what it writes (a store:
+`.<name>.writer.lock` in its parent directory, so replacing the store whole never moves the lock; a run:
+`RUN/.writer.lock`). The kernel drops the lock when the holder exits or is killed, so a lock left by a
+killed process is simply free again; the file records the holder's pid for the refusal message. Local
+filesystems only: a URL (object storage) is not locked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from actstore.errors import UsageError
+
+
+def lock_path(target: str | Path, kind: str) -> Path | None:
+    """Where the lock of a store or run lives; None for a URL."""
+    text = str(target)
+    if "://" in text:
+        return None
+    p = Path(text).absolute()
+    return p / ".writer.lock" if kind == "run" else p.parent / f".{p.name}.writer.lock"
+
+
+@contextmanager
+def exclusive(target: str | Path, kind: str, command: str) -> Iterator[None]:
+    """Hold the writer lock of `target` (a "store" or a "run") for the block, or a one-line UsageError
+    naming the process that holds it."""
+    path = lock_path(target, kind)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise UsageError(
+                f"{target} is being written by {holder}; wait for it to finish (or stop it) before `{command}`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({command})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def exclusive_all(command: str, *targets: tuple[str | Path, str]) -> Iterator[None]:
+    """Several writer locks at once (eval writes a run and its store's reconstructions)."""
+    with ExitStack() as stack:
+        for target, kind in targets:
+            stack.enter_context(exclusive(target, kind, command))
+        yield
