@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from actstore import atomic
+from actstore import atomic, integrity
 from actstore.tables import SCHEMA_VERSION, TABLES, polars_schema
 from actstore.units import format_count, parse_count
 
@@ -84,9 +84,10 @@ def trained_sae_dirs(run: str | Path) -> list[Path]:
 
 
 def checkpoint_path(run: str | Path, hook: str, store: str = "") -> Path:
-    """One checkpoint per (train store, hook): two models' sweeps at one hook name never share it."""
+    """One checkpoint directory per (train store, hook): two models' sweeps at one hook name never share it.
+    It holds `state.pt` and its SHA256SUMS, swapped in together."""
     suffix = f".{hash_key(str(store))}" if store else ""
-    return Path(run) / "checkpoints" / f"{hook}{suffix}.pt"
+    return Path(run) / "checkpoints" / f"{hook}{suffix}.ckpt"
 
 
 def probe_path(run: str | Path, sae_id: str) -> Path:
@@ -144,12 +145,23 @@ def write_tables(run: str | Path, key: str, frames: dict[str, pl.DataFrame], par
     with atomic.replacing(*finals) as stages:
         for stage, final, (table, frame) in zip(stages, finals, frames.items(), strict=True):
             stage.mkdir(parents=True)
-            for other in final.glob("part-*.parquet") if final.is_dir() else ():
-                if other.name != name:
-                    _carry(other, stage / other.name)
+            carried = [p.name for p in final.glob("part-*.parquet") if p.name != name] if final.is_dir() else []
+            known = integrity.check(final, carried) if carried else {}  # never carry (and re-bless) damage
+            for other in carried:
+                _carry(final / other, stage / other)
             conform(table, frame).write_parquet(
                 stage / name, compression="zstd", metadata={"actstore_schema": SCHEMA_VERSION}
             )
+            integrity.seal(stage, known)
+
+
+def check_records(run: str | Path, tables: list[str] | None = None) -> None:
+    """A one-line StoreError naming the first records file that differs from its partition's SHA256SUMS
+    (a Parquet reader would return its flipped values as data)."""
+    root = records_dir(run)
+    for table in tables or (sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []):
+        for part in sorted({f.parent for f in part_files(run, table)}):
+            integrity.check(part)
 
 
 def _carry(src: Path, dst: Path) -> None:
@@ -165,6 +177,7 @@ def read_table(run: str | Path, table: str) -> pl.DataFrame:
     files = part_files(run, table)
     if not files:
         return pl.DataFrame()
+    check_records(run, [table])
     try:
         return pl.read_parquet(files, hive_partitioning=True)
     except pl.exceptions.SchemaError:  # files of an older schema beside newer ones: union by name

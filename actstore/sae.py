@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from actstore import integrity
 from actstore.metrics import EPS
 
 # AuxK's weight. Gao et al. (A.2) use 1/32 for runs of billions of tokens; at the 1M–100M budgets this
@@ -250,6 +251,7 @@ class TopKSAE(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path)
+        integrity.check(path)  # a flipped weight byte loads silently otherwise
         cfg = json.loads((path / "cfg.json").read_text())
         sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], device=device)
         state = load_file(str(path / "sae_weights.safetensors"), device=device)

@@ -16,6 +16,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from actstore import integrity
 from actstore.errors import UsageError
 from actstore.sae import EncoderOutput
 
@@ -83,6 +84,7 @@ def load_eval_sae(path: str | Path, sae_id: str | None = None) -> EvalSAE:
         raise UsageError(
             f"{path} has no cfg.json and sae_weights.safetensors; give an SAE directory in SAELens's layout"
         )
+    integrity.check(path)  # ours carry SHA256SUMS; a published SAE without one is read as it is
     cfg = json.loads(cfg_file.read_text())
     arch = str(cfg.get("architecture", "standard")).lower()
     if arch not in ARCHITECTURES:

@@ -755,6 +755,7 @@ def test_records_of_an_older_schema_and_runs_without_tokens_still_answer(sweep_r
     sae = f"{HOOKS[0]}__k8_s0"
     t = _frame(run, sae).drop("sae_id", "rate_bits")  # a file written before rate_bits existed
     t.write_parquet(rec.part_path(run, "tokens", sae))
+    (rec.part_path(run, "tokens", sae).parent / "SHA256SUMS").unlink()  # older versions wrote no sums
     assert sql(run, "SELECT count(rate_bits) AS n FROM tokens")["n"][0] == _every(sweep_run).height - t.height
     assert query(run, "summary", n_boot=10).height == rec.read_table(run, "saes").height
     curves_only = tmp_path / "curves_only"
@@ -790,6 +791,7 @@ def test_records_written_before_the_patch_pos_key_read_as_every_position(tmp_pat
     _write_sae(run, f"{HOOKS[0]}__k8_s0", HOOKS[0], 8, 0, _tokens(rng, 0.9), rng=rng)
     (part,) = rec.part_files(run, "tokens")
     pl.read_parquet(part).drop("patch_pos").write_parquet(part)  # an older actstore's file
+    (part.parent / "SHA256SUMS").unlink()  # (which had no sums)
     assert sql(run, "SELECT count(*) AS n FROM tokens")["n"][0] == pl.read_parquet(part).height
     assert sql(run, "SELECT count(*) AS n FROM tokens_single")["n"][0] == 0
 

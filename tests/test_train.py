@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from actstore import integrity
 from actstore.errors import StoreError, UsageError
 from actstore.loader import ActivationLoader, LoaderOptions
 from actstore.run import SAESpec, read_table
@@ -444,13 +445,37 @@ def test_a_damaged_or_code_carrying_checkpoint_is_refused_in_one_line(small_stor
 
     run = tmp_path / "run"
     ckpt = checkpoint_path(run, HOOKS[0], small_store)
-    ckpt.parent.mkdir(parents=True)
+    ckpt.mkdir(parents=True)
 
     class Payload:  # unpickling it would call print: weights_only must refuse it
         def __reduce__(self):
             return (print, ("code ran",))
 
+    specs, options = [SAESpec(HOOKS[0], 4, 2, 512, 0)], TrainOptions(batch_size=128)
     for content in (b"\x00garbage", pickle.dumps({"key": Payload()})):
-        ckpt.write_bytes(content)
-        with pytest.raises(StoreError, match="cannot be read.*delete it"):
-            train(small_store, str(run), [SAESpec(HOOKS[0], 4, 2, 512, 0)], TrainOptions(batch_size=128))
+        (ckpt / "state.pt").write_bytes(content)
+        integrity.seal(ckpt)  # the sums match: what is refused is the content itself
+        with pytest.raises(StoreError, match=f"checkpoint {ckpt} cannot be read.*delete") as err:
+            train(small_store, str(run), specs, options)
+        assert "\n" not in str(err.value)
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_sums(small_store, tmp_path):
+    """torch.load reads a checkpoint with a flipped tensor byte without complaint; the sums do not."""
+    from actstore.errors import StoreError
+    from actstore.run import SAESpec, checkpoint_path
+    from actstore.steps.train import TrainOptions, train
+
+    from .conftest import HOOKS
+
+    run = tmp_path / "run"
+    ckpt = checkpoint_path(run, HOOKS[0], small_store)
+    ckpt.mkdir(parents=True)
+    torch.save({"key": {}, "position": 0, "trainees": [{"w": torch.arange(4096.0)}]}, ckpt / "state.pt")
+    integrity.seal(ckpt)
+    raw = bytearray((ckpt / "state.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # inside the tensor's bytes
+    (ckpt / "state.pt").write_bytes(bytes(raw))
+    assert torch.load(ckpt / "state.pt", weights_only=True)["position"] == 0  # torch itself does not notice
+    with pytest.raises(StoreError, match=r"state.pt is damaged .*delete .* to restart that sweep"):
+        train(small_store, str(run), [SAESpec(HOOKS[0], 4, 2, 512, 0)], TrainOptions(batch_size=128))

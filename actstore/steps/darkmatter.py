@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from actstore import atomic
+from actstore import atomic, integrity
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import UsageError
@@ -293,8 +293,10 @@ def _darkmatter(
             write_errors(group, sae["store"], hook, sae_id, w, int(sae["n_seq"]), options.batch_size)
         probe = rundir.probe_path(run, sae_id)
         probe_w, probe_b = torch.from_numpy(w[:-1]).float(), torch.from_numpy(w[-1]).float()
-        with atomic.replacing(probe) as (stage,):
-            save_file({"W": probe_w, "b": probe_b}, str(stage))
+        with atomic.replacing(probe.parent) as (stage,):
+            stage.mkdir()
+            save_file({"W": probe_w, "b": probe_b}, str(stage / probe.name))
+            integrity.seal(stage)
         name = group.attrs.get("model", {}).get("name")
         if loaded is not None and loaded.name == name:
             models[name] = loaded

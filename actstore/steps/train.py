@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore import __version__, atomic
+from actstore import __version__, atomic, integrity
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import StoreError, UsageError
@@ -36,6 +36,8 @@ from actstore.sae import AUXK_COEF
 from actstore.trainee import UNDERTRAINED, Trainee, geometric_median
 from actstore.units import parse_count
 from actstore.writer_lock import exclusive
+
+CHECKPOINT_STATE = "state.pt"  # inside the checkpoint directory, beside its SHA256SUMS
 
 
 def _ints(name: str) -> Any:
@@ -289,7 +291,10 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
             bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-", refresh=False)
         if time.monotonic() - last_ckpt >= o.checkpoint_seconds and position < total:
             with atomic.replacing(ckpt_path) as (stage,):
-                torch.save({"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]}, stage)
+                stage.mkdir()
+                state = {"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]}
+                torch.save(state, stage / CHECKPOINT_STATE)
+                integrity.seal(stage)
             last_ckpt = time.monotonic()
     if bar is not None:
         bar.close()
@@ -304,7 +309,7 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
                 "--tokens or try larger --lr values",
                 file=sys.stderr,
             )
-    ckpt_path.unlink(missing_ok=True)
+    atomic.remove(ckpt_path)
     return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
 
 
@@ -319,15 +324,16 @@ def _key(members: list[SAESpec], wanted: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_checkpoint(path: Path, device: str) -> dict[str, Any]:
-    """A sweep's checkpoint, read with `weights_only=True` (tensors and plain containers only: a file that
-    would run code on loading is refused), or a one-line error naming it."""
+    """A sweep's checkpoint, checked against its SHA256SUMS (torch.load does not notice a flipped byte in
+    a tensor) and read with `weights_only=True` (tensors and plain containers only: a file that would run
+    code on loading is refused), or a one-line error naming it."""
+    fix = f"delete {path} to restart that sweep from its start"
+    integrity.check(path, fix=fix)
     try:
-        return torch.load(path, weights_only=True, map_location=device)
+        return torch.load(path / CHECKPOINT_STATE, weights_only=True, map_location=device)
     except Exception as exc:  # a damaged or foreign file: never half-resume from it
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreError(
-            f"checkpoint {path} cannot be read ({first[:160]}); delete it to restart that sweep from its start"
-        ) from None
+        raise StoreError(f"checkpoint {path} cannot be read ({first[:160]}); {fix}") from None
 
 
 def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_tokens: int) -> None:
@@ -399,6 +405,7 @@ def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_
             {"fire_counts": t.fire_counts.cpu(), "tokens": torch.tensor([t.seen])},
             str(stage / "fire_counts.safetensors"),
         )
+        integrity.seal(stage)
 
 
 def summary(run: str) -> list[dict[str, Any]]:
