@@ -35,9 +35,10 @@ class NamedQuery:
 
 
 def resolve(run_or_bundle: str) -> Path:
-    """The directory holding `records/`: a run, a bundle directory, or an unpacked .tar/.zip bundle."""
+    """The directory holding `records/`: a run, a bundle directory, or an unpacked .tar/.zip bundle; a bundle
+    (untrusted: it came from someone else) is screened and verified against its manifest first."""
     path = Path(run_or_bundle)
-    if path.suffix in (".tar", ".zip") and path.is_file():
+    if (path.suffix in (".tar", ".zip") and path.is_file()) or path.is_dir():
         from actstore.steps.bundle import open_bundle
 
         path = Path(open_bundle(str(path)))
@@ -90,6 +91,7 @@ def connect(run_or_bundle: str):
     import duckdb
 
     root = resolve(run_or_bundle).resolve()
+    rundir.check_records(root)  # a flipped byte in a Parquet page would read as data
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")  # DuckDB draws one on stdout for queries over ~2 s
     for statement in setup_statements(root):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -320,12 +323,27 @@ def test_open_bundle_extracts_an_archive_once_and_again_when_it_changes(run, tmp
     out = _make(run, tmp_path, ".zip")
     first = bundle.open_bundle(str(out))
     assert (first / TOKENS_PART).is_file() and (first / "manifest.json").is_file()
-    (first / "marker").write_text("cached")
-    assert bundle.open_bundle(str(out)) == first and (first / "marker").exists()
+    inode = (first / TOKENS_PART).stat().st_ino
+    assert bundle.open_bundle(str(out)) == first and (first / TOKENS_PART).stat().st_ino == inode  # not again
     bundle.create(str(run), str(out), overwrite=True, with_saes=True)
     second = bundle.open_bundle(str(out))
     assert second != first and (second / "saes").is_dir()
     assert bundle.open_bundle(str(run)) == run
+
+
+@pytest.mark.parametrize("change", ["added", "flipped", "removed"])
+def test_a_cached_extraction_that_changed_is_extracted_afresh(run, tmp_path, change):
+    out = _make(run, tmp_path, ".tar")
+    cache = bundle.open_bundle(str(out))
+    if change == "added":
+        (cache / "marker").write_text("not from the archive")
+    elif change == "flipped":
+        (cache / TOKENS_PART).write_bytes(b"x" + (cache / TOKENS_PART).read_bytes()[1:])
+    else:
+        (cache / "README.md").unlink()  # a /tmp cleaner took it
+    assert bundle.open_bundle(str(out)) == cache
+    assert not (cache / "marker").exists() and (cache / TOKENS_PART).read_bytes() == (run / TOKENS_PART).read_bytes()
+    assert bundle.verify(str(cache)) == [] and [p.name for p in cache.parent.iterdir()] == [cache.name]
 
 
 def test_cli_creates_a_bundle_and_verify_says_ok(run, tmp_path):
@@ -352,3 +370,227 @@ def test_cli_create_refuses_an_existing_out_without_overwrite(run, tmp_path):
     refused = CliRunner().invoke(bundle_cli, ["create", str(run), str(out)])
     assert isinstance(refused.exception, UsageError) and "--overwrite" in str(refused.exception)
     assert (out / "manifest.json").read_bytes() == before
+
+
+# ---- untrusted bundles: what open_bundle refuses before anything is extracted or queried -----------------
+
+
+def _tree(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+def _cache_entries(tmp_path: Path) -> list[str]:
+    """What open_bundle left in its extraction cache (under the test's private temp directory)."""
+    return sorted(p.name for root in (tmp_path / "tmp").glob("actstore-bundles*") for p in root.iterdir())
+
+
+def _assert_refused(exc: pytest.ExceptionInfo, *needles: str) -> None:
+    message = str(exc.value)
+    assert len(message.splitlines()) == 1, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname = kind, len(data), link
+    return info, data
+
+
+# name -> (what goes into the archive, the member the refusal names, where it would land outside)
+EVIL_TAR = {
+    "parent": lambda outside: _tar_member("records/../../../../evil", data=b"pwned"),
+    "absolute": lambda outside: _tar_member(str(outside), data=b"pwned"),
+    "symlink": lambda outside: _tar_member("records/tokens/passwd.parquet", tarfile.SYMTYPE, link="/etc/passwd"),
+    "hardlink": lambda outside: _tar_member("records/evil", tarfile.LNKTYPE, link="../../../etc/passwd"),
+    "fifo": lambda outside: _tar_member("records/tokens/fifo.parquet", tarfile.FIFOTYPE),
+    "device": lambda outside: _tar_member("records/disk", tarfile.BLKTYPE),
+    "backslash": lambda outside: _tar_member("..\\..\\evil", data=b"pwned"),
+    "drive": lambda outside: _tar_member("C:/evil", data=b"pwned"),
+}
+REFUSAL = {
+    "parent": "'..'",
+    "absolute": "absolute",
+    "symlink": "symlink (to '/etc/passwd')",
+    "hardlink": "hard link",
+    "fifo": "fifo",
+    "device": "device",
+    "backslash": "backslash",
+    "drive": "absolute",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL_TAR))
+def test_a_tar_with_one_unsafe_member_is_refused_whole(run, tmp_path, case):
+    out = _make(run, tmp_path, ".tar")
+    outside = tmp_path / "outside" / "evil"
+    info, data = EVIL_TAR[case](outside)
+    with tarfile.open(out, "a") as tf:
+        tf.addfile(info, io.BytesIO(data))
+    before = _tree(tmp_path)
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(out))
+    _assert_refused(exc, str(out), repr(info.name), REFUSAL[case], "actstore bundle create")
+    assert _tree(tmp_path) - before <= {f"tmp/actstore-bundles-{os.getuid()}"} and _cache_entries(tmp_path) == []
+    assert not outside.exists() and not (tmp_path / "evil").exists()
+    assert bundle.verify(str(out)) == [str(exc.value)]  # verify reports it too, instead of an "ok"
+
+
+def _zip_member(zf: zipfile.ZipFile, name: str, data: bytes = b"pwned", mode: int | None = None, **kw) -> None:
+    info = zipfile.ZipInfo(name)
+    if mode is not None:
+        info.create_system, info.external_attr = 3, mode << 16
+    zf.writestr(info, data, **kw)
+
+
+EVIL_ZIP = {
+    "parent": (lambda zf, outside: _zip_member(zf, "records/../../../../evil"), "'..'"),
+    "absolute": (lambda zf, outside: _zip_member(zf, str(outside)), "absolute"),
+    "symlink": (lambda zf, outside: _zip_member(zf, "records/x", b"/etc/passwd", mode=0o120777), "symlink"),
+    "fifo": (lambda zf, outside: _zip_member(zf, "records/x", b"", mode=0o010644), "fifo"),
+    "backslash": (lambda zf, outside: _zip_member(zf, "..\\evil"), "backslash"),
+    "twice": (lambda zf, outside: _zip_member(zf, "README.md"), "appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVIL_ZIP))
+def test_a_zip_with_one_unsafe_member_is_refused_whole(run, tmp_path, case):
+    out = _make(run, tmp_path, ".zip")
+    outside = tmp_path / "outside" / "evil"
+    add, why = EVIL_ZIP[case]
+    with zipfile.ZipFile(out, "a") as zf, pytest.warns(UserWarning) if case == "twice" else contextlib.nullcontext():
+        add(zf, outside)
+    name = zipfile.ZipFile(out).infolist()[-1].filename
+    before = _tree(tmp_path)
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(out))
+    _assert_refused(exc, str(out), repr(name), why)
+    assert _tree(tmp_path) - before <= {f"tmp/actstore-bundles-{os.getuid()}"} and _cache_entries(tmp_path) == []
+    assert not outside.exists() and not (tmp_path / "evil").exists()
+
+
+def _zeros_zip(path: Path, size: int, method: int, level: int | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", method, compresslevel=level) as zf:
+        zf.writestr("README.md", b"a bundle, it says")
+        zf.writestr("records/tokens/sae_id=x/part-0.parquet", bytes(size))
+    return path
+
+
+def test_a_zip_past_the_size_cap_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    bomb = _zeros_zip(tmp_path / "bomb.zip", 4 << 20, zipfile.ZIP_DEFLATED, level=1)  # 230:1, no bomb by ratio
+    monkeypatch.setenv(bundle.MAX_BYTES_ENV, str(1 << 20))
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(bomb))
+    _assert_refused(exc, str(bomb), "'records/tokens/sae_id=x/part-0.parquet'", bundle.MAX_BYTES_ENV)
+    assert _cache_entries(tmp_path) == []
+    monkeypatch.setenv(bundle.MAX_BYTES_ENV, "lots")
+    with pytest.raises(UsageError, match=bundle.MAX_BYTES_ENV):
+        bundle.open_bundle(str(bomb))
+
+
+def test_a_zip_member_compressed_past_1000_to_1_is_refused(tmp_path):
+    bomb = _zeros_zip(tmp_path / "bomb.zip", 8 << 20, zipfile.ZIP_BZIP2)  # a few hundred bytes on disk
+    assert bomb.stat().st_size < 8 << 10
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(bomb))
+    _assert_refused(exc, str(bomb), "'records/tokens/sae_id=x/part-0.parquet'", "zip bomb")
+    assert _cache_entries(tmp_path) == [] and bundle.verify(str(bomb)) == [str(exc.value)]
+
+
+def test_a_zip_whose_headers_understate_a_size_is_caught_while_copying(tmp_path, monkeypatch):
+    lying = _zeros_zip(tmp_path / "lying.zip", 4 << 20, zipfile.ZIP_STORED)
+    raw = bytearray(lying.read_bytes())
+    central = raw.rfind(b"PK\x01\x02")  # the last member's central directory entry: say it unpacks to 10 bytes
+    raw[central + 24 : central + 28] = (10).to_bytes(4, "little")
+    lying.write_bytes(raw)
+    monkeypatch.setenv(bundle.MAX_BYTES_ENV, str(1 << 20))  # the declared 10 bytes pass the cap; the copy stops
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(lying))
+    _assert_refused(exc, str(lying), "records/tokens/sae_id=x/part-0.parquet")
+    assert _cache_entries(tmp_path) == []
+
+
+def test_an_archive_of_too_many_members_is_refused(run, tmp_path, monkeypatch):
+    out = _make(run, tmp_path, ".tar")
+    monkeypatch.setenv(bundle.MAX_MEMBERS_ENV, "5")
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(out))
+    sixth = tarfile.open(out).getnames()[5]
+    _assert_refused(exc, str(out), repr(sixth), bundle.MAX_MEMBERS_ENV)
+    assert _cache_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_bundle_directory_with_a_symlink_or_fifo_is_refused(run, tmp_path, kind):
+    out = _make(run, tmp_path)
+    planted = out / "records" / "tokens" / f"sae_id={SAE_IDS[0]}" / "part-1.parquet"
+    if kind == "symlink":
+        planted.symlink_to("/etc/passwd")
+    else:
+        os.mkfifo(planted)  # a reader would wait on it forever
+    for attempt in (lambda: bundle.open_bundle(str(out)), lambda: actstore.query(str(out), "summary")):
+        with pytest.raises(StoreError) as exc:
+            attempt()
+        _assert_refused(exc, str(out), repr(planted.relative_to(out).as_posix()), kind)
+    assert bundle.verify(str(out)) == [str(exc.value)]
+
+
+@pytest.mark.parametrize("member", [TOKENS_PART, "README.md", "manifest.json"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_flipped_byte_anywhere_stops_queries(run, tmp_path, kind, member):
+    out = _make(run, tmp_path, kind)
+    _flip_byte(out, member)
+    assert bundle.verify(str(out))  # what `actstore bundle verify` reports
+    cached = _cache_entries(tmp_path)  # _flip_byte opened the archive before the flip
+    with pytest.raises(StoreError) as exc:
+        actstore.query(str(out), "summary")
+    _assert_refused(exc, str(out), member)
+    assert _cache_entries(tmp_path) == cached  # the damaged archive left no extraction behind
+
+
+def _rehash(root: Path) -> None:
+    """Bring manifest.json's sha256 and sizes in line with the files as they are now, as a tamperer would."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    for name in manifest["files"]:
+        with open(root / name, "rb") as f:
+            sha, size = bundle._digest(f)
+        manifest["files"][name] = {"sha256": sha, "size": size}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bundles_own_sql_is_never_run(run, tmp_path, kind):
+    out = _make(run, tmp_path, kind)
+
+    def tamper(root: Path) -> None:
+        for name in ("sql/summary.sql", "sql/_macros.sql", "views.sql"):
+            (root / name).write_text("SELECT 'tampered' AS sae_id;\n")
+        _rehash(root)
+
+    _rewrite(out, tamper)
+    assert bundle.verify(str(out)) == []  # the tampering is consistent: only the package's own SQL can tell
+    got = actstore.query(str(out), "summary", n_boot=20)
+    assert got.equals(actstore.query(str(run), "summary", n_boot=20)) and "tampered" not in got["sae_id"].to_list()
+
+
+def test_a_cache_directory_others_can_write_is_refused(run, tmp_path):
+    out = _make(run, tmp_path, ".zip")
+    cache = bundle.open_bundle(str(out))
+    cache.parent.chmod(0o777)
+    with pytest.raises(StoreError) as exc:
+        bundle.open_bundle(str(out))
+    _assert_refused(exc, str(cache.parent), "TMPDIR")
+
+
+def test_cli_sql_refuses_a_malicious_archive_in_one_line(run, tmp_path):
+    from actstore.cli.main import main
+
+    out = _make(run, tmp_path, ".tar")
+    info, data = _tar_member("records/tokens/sae_id=x/part-0.parquet", tarfile.SYMTYPE, link="/etc/passwd")
+    with tarfile.open(out, "a") as tf:
+        tf.addfile(info)
+    result = CliRunner().invoke(main, ["sql", str(out), "SELECT count(*) FROM tokens"])
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: refusing ") and "'/etc/passwd'" in lines[0]
+    assert "records/tokens/sae_id=x/part-0.parquet" in lines[0] and _cache_entries(tmp_path) == []

@@ -9,6 +9,14 @@ README (their definitions: docs/METHODS.md), and `manifest.json`: the sha256 and
 plus the provenance (run.json, the eval stores' attributes, the saes table), so a bundle that changed in
 transit is caught by `verify`, not by a wrong plot. A `.tar` or `.zip` OUT holds the same files at its top
 level.
+
+Bundles travel between people, so a bundle received is untrusted input. Before anything is extracted, every
+member of an archive is screened (a name that climbs out or is absolute, a link, a device or fifo, a member
+count or declared size that would fill the disk, a zip member compressed past any real data's ratio) and one
+bad member refuses the whole archive; members are then stream-copied, each held to its declared size, into a
+temporary directory that is verified against the manifest before it is renamed into the cache. A bundle
+directory is refused if it holds a symlink or a special file, and is verified before it is queried. Queries
+always come from the installed package: a bundle's `sql/` and `views.sql` are for bare-DuckDB users only.
 """
 
 from __future__ import annotations
@@ -17,10 +25,12 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.resources import files
 from pathlib import Path
@@ -34,6 +44,15 @@ from actstore.tables import SCHEMA_VERSION
 MANIFEST = "manifest.json"
 VIEWS = "views.sql"
 ARCHIVES = (".tar", ".zip")
+MAX_BYTES_ENV = "ACTSTORE_BUNDLE_MAX_BYTES"  # the most an archive may unpack to (also capped by free space)
+MAX_MEMBERS_ENV = "ACTSTORE_BUNDLE_MAX_MEMBERS"
+DEFAULT_MAX_BYTES = 32 << 30  # a bundle with SAE weights and reconstructions fits many times over
+DEFAULT_MAX_MEMBERS = 200_000  # a Zarr store of reconstructions is the only thing with many files
+FREE_MARGIN = 256 << 20  # an extraction leaves at least this much of its disk free
+MAX_RATIO, RATIO_FLOOR = 1000, 1 << 20  # a zip member over 1 MiB compressed past 1000:1 is a bomb, not data
+_ASK = "ask its sender to re-create it with `actstore bundle create`"
+_REFUSED = "a bundle holds only plain files inside itself; " + _ASK
+_verified: dict[Path, tuple] = {}  # a bundle directory -> the stat signature it had when it last verified
 
 
 def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = False, overwrite: bool = False) -> Path:
@@ -43,6 +62,7 @@ def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = Fa
     if not run_dir.is_dir():
         raise UsageError(f"no run directory {run}; give the directory `actstore train --out` wrote")
     parts = _record_files(run_dir)
+    rundir.check_records(run_dir)  # a manifest must never bless a file that was damaged in the run
     if not parts:
         raise UsageError(f"{run} has no Parquet records; run `actstore eval` first")
     if dest.exists() and not overwrite:
@@ -64,7 +84,25 @@ def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = Fa
 
 
 def verify(out: str) -> list[str]:
-    """What differs between the bundle at OUT (directory, .tar or .zip) and its manifest; empty when intact."""
+    """What differs between the bundle at OUT (directory, .tar or .zip) and its manifest; empty when intact.
+
+    A member `open_bundle` would refuse (a link, a name outside the bundle, …) is reported first, alone."""
+    path = Path(out)
+    try:
+        if path.is_dir():
+            _scan(path, out)
+        elif path.is_file() and path.suffix in ARCHIVES:
+            _screen(path)
+    except StoreError as exc:
+        return [str(exc)]
+    except (OSError, zipfile.BadZipFile, tarfile.TarError):
+        pass  # reported below as unreadable
+    return _compare(out)
+
+
+def _compare(out: str, label: str | None = None) -> list[str]:
+    """verify's comparison, naming the bundle LABEL (the archive an extraction came from) in its messages."""
+    label = label or out
     found: dict[str, tuple[str, int] | str] = {}
     manifest_bytes = None
     try:
@@ -78,16 +116,17 @@ def verify(out: str) -> list[str]:
                 except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
                     found[name] = str(exc)
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
-        return [f"{out} cannot be read ({exc}); re-create it with `actstore bundle create`"]
+        return [f"{label} cannot be read ({exc}); re-create it with `actstore bundle create`"]
     if manifest_bytes is None:
-        return [f"{out} has no {MANIFEST}; it is not a bundle, or re-create it with `actstore bundle create`"]
+        return [f"{label} has no {MANIFEST}; it is not a bundle, or re-create it with `actstore bundle create`"]
     try:
         listed = {name: (meta["sha256"], meta["size"]) for name, meta in json.loads(manifest_bytes)["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
-        return [f"{MANIFEST} of {out} is unreadable; re-create the bundle with `actstore bundle create`"]
+        return [f"{MANIFEST} of {label} is unreadable; re-create the bundle with `actstore bundle create`"]
     problems = []
     for name, (sha, size) in sorted(listed.items()):
         got = found.get(name)
+        name = _shown(name)
         if got is None:
             problems.append(f"missing: {name}")
         elif isinstance(got, str):
@@ -96,44 +135,274 @@ def verify(out: str) -> list[str]:
             problems.append(f"changed: {name} ({got[1]} bytes, the manifest says {size})")
         elif got[0] != sha:
             problems.append(f"changed: {name} (sha256 differs from the manifest)")
-    problems += [f"extra: {name} (not in the manifest)" for name in sorted(found.keys() - listed.keys())]
+    problems += [f"extra: {_shown(name)} (not in the manifest)" for name in sorted(found.keys() - listed.keys())]
     return problems
+
+
+def _shown(name: str) -> str:
+    """A file name as printed in a problem: quoted when it holds a newline or other control character (the
+    manifest's names are the sender's), so every problem stays one line."""
+    return name if name.isprintable() else repr(name)
 
 
 def open_bundle(path: str) -> Path:
     """The directory holding a bundle's `records/`: PATH itself, or a .tar/.zip extracted once into a cache
-    keyed by the archive's path, mtime and size (so a replaced archive is extracted afresh)."""
+    keyed by the archive's path, inode, times and size (so a replaced archive is extracted afresh).
+
+    A bundle (directory, or the cache of an archive) is verified against its manifest on every open, so what is
+    queried is what its sender packed; a directory without manifest.json or views.sql is a run, taken as is."""
     src = Path(path)
     if src.is_dir():
+        if os.path.lexists(src / MANIFEST) or os.path.lexists(src / VIEWS):
+            _check_tree(src, path)
         return src
     if not src.is_file() or src.suffix not in ARCHIVES:
         raise UsageError(
             f"{path} is not a run, a bundle directory, .tar or .zip; make one with `actstore bundle create`"
         )
-    stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{stat.st_mtime_ns}|{stat.st_size}".encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "actstore-bundles" / f"{src.stem}-{key}"
-    if not cache.is_dir():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + "."))
+    st = src.stat()
+    signature = f"{src.resolve()}|{st.st_ino}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_size}"
+    cache = _cache_root() / f"{src.stem}-{hashlib.sha256(signature.encode()).hexdigest()[:16]}"
+    if cache.is_dir():
         try:
-            if src.suffix == ".tar":
-                with tarfile.open(src) as tf:
-                    tf.extractall(tmp, filter="data")
-            else:
-                with zipfile.ZipFile(src) as zf:
-                    zf.extractall(tmp)
-            os.replace(tmp, cache)  # not atomic.swap_in: a cache a concurrent opener put there first stays
-        except (tarfile.TarError, zipfile.BadZipFile) as exc:
-            raise StoreError(f"{path} cannot be extracted ({exc}); check it with `actstore bundle verify`") from None
-        except OSError as exc:
-            if not cache.is_dir():  # else a concurrent opener got there first, and its copy serves
-                raise StoreError(
-                    f"cannot extract {path} into {cache.parent} ({exc}); free space or set TMPDIR"
-                ) from None
-        finally:
-            atomic.remove(tmp)
+            _check_tree(cache, path)
+            return cache
+        except StoreError:  # changed since it was extracted (a /tmp cleaner, say): extract it afresh
+            _discard(cache)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=cache.name + ".")).resolve()
+    try:
+        _extract(src, tmp)
+        _check_tree(tmp, path)  # before the rename: a damaged archive leaves no cache behind
+        os.replace(tmp, cache)  # not atomic.swap_in: a cache a concurrent opener put there first stays
+        _verified[cache.resolve()] = _verified.pop(tmp)  # a rename changes no file's inode or times
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        raise StoreError(f"{path} cannot be extracted ({exc}); check it with `actstore bundle verify`") from None
+    except OSError as exc:
+        if not cache.is_dir():  # else a concurrent opener got there first, and its copy serves
+            raise StoreError(f"cannot extract {path} into {cache.parent} ({exc}); free space or set TMPDIR") from None
+        _check_tree(cache, path)
+    finally:
+        atomic.remove(tmp)
     return cache
+
+
+def _check_tree(root: Path, label: str) -> None:
+    """A one-line StoreError unless the bundle directory ROOT holds only plain files and matches its manifest.
+
+    Hashing costs about 3-5 s per GB (200 MB: 0.6-0.9 s on a busy 2-core box), so a tree whose every file has
+    the inode, size and times it had when it last verified in this process (a report opens its bundle once per
+    query) is not hashed again: the stat walk alone takes 0.1 s for 2,000 files."""
+    key, signature = root.resolve(), _scan(root, label)
+    if _verified.get(key) == signature:
+        return
+    problems = _compare(str(root), label)
+    if problems:
+        _verified.pop(key, None)
+        if not problems[0].startswith(("missing:", "damaged:", "changed:", "extra:")):
+            raise StoreError(problems[0])  # no manifest, or one that does not parse
+        more = f", and {len(problems) - 1} more" if problems[1:] else ""
+        raise StoreError(
+            f"{label} does not match its manifest ({problems[0]}{more}); see `actstore bundle verify {label}`, "
+            "and ask for it again or re-create it with `actstore bundle create`"
+        )
+    _verified[key] = signature
+
+
+def _scan(root: Path, label: str) -> tuple:
+    """The stat signature of every file under ROOT; a StoreError on a symlink (it could point anywhere), a
+    fifo or device (a reader would hang or read a disk), or a name with a control character."""
+    signature = []
+    for here, dirs, names in os.walk(root):
+        for name in dirs + names:
+            p = Path(here) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            why = (
+                "has a control character in its name" if not name.isprintable()
+                else f"is a symlink (to {os.readlink(p)!r})" if stat.S_ISLNK(st.st_mode)
+                else None if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+                else "is a device, fifo or socket, not a plain file"
+            )  # fmt: skip
+            if why:
+                raise StoreError(f"refusing {label}: {rel!r} {why}; {_REFUSED}")
+            if stat.S_ISREG(st.st_mode):
+                signature.append((rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(sorted(signature))
+
+
+def _cache_root() -> Path:
+    """Where archives are extracted: a directory only this user can write, so no one else can plant or change
+    an extraction between its verification and its query."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    root = Path(tempfile.gettempdir()) / ("actstore-bundles" if uid is None else f"actstore-bundles-{uid}")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or (uid is not None and (st.st_uid != uid or st.st_mode & 0o022)):
+        raise StoreError(f"{root} is not a private directory of this user; remove it, or set TMPDIR elsewhere")
+    return root
+
+
+def _discard(path: Path) -> None:
+    """Move a stale cache aside first, so that a concurrent opener never sees it half deleted."""
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".stale."))
+    try:
+        os.replace(path, aside / "tree")
+    except OSError:
+        pass  # a concurrent opener moved it already
+    atomic.remove(aside)
+    _verified.pop(path.resolve(), None)
+
+
+def _limit(env: str, default: int) -> int:
+    text = os.environ.get(env, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) <= 0:
+        raise UsageError(f"{env}={text!r} is not a positive whole number; unset it or give one")
+    return int(text)
+
+
+def _entries(archive: tarfile.TarFile | zipfile.ZipFile) -> Iterator[tuple[str, str, int, int, Any]]:
+    """(name, kind, declared size, compressed size, entry) of every member, kind one of file, dir, symlink,
+    hardlink, special (device, fifo, …) or encrypted."""
+    if isinstance(archive, tarfile.TarFile):
+        for m in archive:
+            kind = (
+                "symlink" if m.issym() else "hardlink" if m.islnk() else "dir" if m.isdir()
+                else "file" if m.isfile() else "special"
+            )  # fmt: skip
+            yield m.name, kind, m.size, m.size, m
+        return
+    for info in archive.infolist():
+        mode = stat.S_IFMT(info.external_attr >> 16)
+        kind = (
+            "symlink" if mode == stat.S_IFLNK else "dir" if info.is_dir() or mode == stat.S_IFDIR
+            else "encrypted" if info.flag_bits & 0x1 else "file" if mode in (0, stat.S_IFREG) else "special"
+        )  # fmt: skip
+        yield info.filename, kind, info.file_size, info.compress_size, info
+
+
+_KINDS = {
+    "symlink": "is a symlink",
+    "hardlink": "is a hard link",
+    "special": "is a device, fifo or other special file",
+    "encrypted": "is encrypted",
+}
+
+
+@contextmanager
+def _opened(src: Path) -> Iterator[tuple[Iterator[tuple[str, str, int, int, Any]], Callable[[Any], Any]]]:
+    """The members of the archive SRC (see `_entries`) and the function that opens one for reading."""
+    if src.suffix == ".tar":
+        with tarfile.open(src) as tf:
+            yield _entries(tf), tf.extractfile
+    else:
+        with zipfile.ZipFile(src) as zf:
+            yield _entries(zf), zf.open
+
+
+def _screen(src: Path) -> None:
+    """verify's look at an archive's members: what `_check_members` refuses, but no size cap (nothing is written)."""
+    with _opened(src) as (entries, _):
+        _check_members(src, entries, None)
+
+
+def _check_members(
+    src: Path, entries: Iterator[tuple[str, str, int, int, Any]], room: tuple[int, int, Path] | None
+) -> list[tuple[str, int, Any]]:
+    """Every file member as (safe relative name, declared size, entry), after checking them all: a one-line
+    StoreError naming the first member that is not a plain file or directory inside the bundle, or that takes
+    the member count or (given ROOM: the cap, the free bytes and where) the declared size past its limit."""
+    max_members = _limit(MAX_MEMBERS_ENV, DEFAULT_MAX_MEMBERS)
+    files: list[tuple[str, int, Any]] = []
+    seen: set[str] = set()
+    total = 0
+
+    def refuse(member: str, why: str, advice: str = _REFUSED) -> StoreError:
+        return StoreError(f"refusing {src}: member {member!r} {why}; {advice}")
+
+    for count, (raw, kind, size, packed, entry) in enumerate(entries, start=1):
+        if count > max_members:
+            raise refuse(raw, f"is past {max_members} members (raise {MAX_MEMBERS_ENV} if you trust the archive)", _ASK)
+        name = _safe_name(raw)
+        if not isinstance(name, tuple):
+            raise refuse(raw, name)
+        if kind in _KINDS:
+            link = f" (to {entry.linkname!r})" if isinstance(entry, tarfile.TarInfo) and entry.linkname else ""
+            raise refuse(raw, _KINDS[kind] + link)
+        joined = "/".join(name)
+        if kind == "dir":
+            continue
+        if joined in seen:
+            raise refuse(raw, "appears twice")
+        seen.add(joined)
+        if size > RATIO_FLOOR and size > MAX_RATIO * max(packed, 1):
+            raise refuse(raw, f"unpacks {packed} bytes to {size} (over {MAX_RATIO}:1): a zip bomb", _ASK)
+        total += size
+        if room is not None:
+            cap, free, where = room
+            if total > cap:
+                raise refuse(
+                    raw, f"takes the archive past {cap} bytes unpacked (raise {MAX_BYTES_ENV} if you trust it)", _ASK
+                )
+            if total > free:
+                raise StoreError(
+                    f"cannot extract {src}: member {raw!r} takes it past the {free} bytes free in {where}; "
+                    "free space or set TMPDIR"
+                )
+        files.append((joined, size, entry))
+    parents = {"/".join(n.split("/")[:i]) for n, _, _ in files for i in range(1, n.count("/") + 1)}
+    for name, _, _ in files:
+        if name in parents:
+            raise refuse(name, "is both a file and a directory")
+    return files
+
+
+def _safe_name(raw: str) -> tuple[str, ...] | str:
+    """The path components of a member name that stays inside the extraction, or why it would not."""
+    if not raw or not raw.isprintable():
+        return "has an empty name or a control character in it"
+    if "\\" in raw:
+        return "has a backslash in its name (a Windows path)"
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        return "is an absolute path"
+    parts = tuple(p for p in raw.split("/") if p not in ("", "."))
+    if ".." in parts:
+        return "climbs out of the bundle with '..'"
+    if not parts:
+        return "names the bundle itself, not a file in it"
+    return parts
+
+
+def _extract(src: Path, dest: Path) -> None:
+    """Copy every member of the screened archive SRC into DEST, each held to its declared size (the sizes
+    summed within the cap, so the copy does too, whatever the headers claimed)."""
+    room = (_limit(MAX_BYTES_ENV, DEFAULT_MAX_BYTES), max(shutil.disk_usage(dest).free - FREE_MARGIN, 0), dest.parent)
+    with _opened(src) as (entries, opener):
+        members = _check_members(src, entries, room)  # every member, before the first byte is written
+        _copy(src, members, opener, dest)
+
+
+def _copy(src: Path, members: list[tuple[str, int, Any]], opener: Callable[[Any], Any], dest: Path) -> None:
+    for name, size, entry in members:
+        target = dest.joinpath(*name.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL and O_NOFOLLOW: never write through anything already there; 0o644: nothing extracted runs
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        written = 0
+        with open(fd, "wb") as out, opener(entry) as f:
+            while chunk := f.read(min(1 << 20, size - written + 1)):
+                written += len(chunk)
+                if written > size:
+                    raise StoreError(
+                        f"refusing {src}: member {name!r} holds more than the {size} bytes its header declares; " + _ASK
+                    )
+                out.write(chunk)
+        if written < size:
+            raise StoreError(
+                f"{src} cannot be extracted: member {name!r} ends before its {size} bytes; "
+                "check it with `actstore bundle verify`"
+            )
 
 
 def listing(out: str) -> dict[str, int]:
