@@ -9,11 +9,18 @@ concatenated into one stream cut into `seq_len` pieces (Pythia's packing). Pre-t
 concatenated as they are. With `prepend_bos`, each sequence is a BOS token plus `seq_len - 1` stream
 tokens. Splits are by document: document i belongs to `eval` when i % 20 == 19, to `train` otherwise,
 so the two are disjoint whatever token counts are harvested from each.
+
+Fingerprint: a store records what its corpus was (`corpus_fingerprint`) so a resume can refuse a corpus
+that changed under it (the regenerated stream would no longer continue the committed one). For
+`builtin` it is a digest of a sample of the generated documents; for files it is each resolved file's
+path, size and mtime, plus its sha256 when the corpus totals at most 64 MiB, in which case the content
+decides and a file that was only touched still matches.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -30,6 +37,9 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ".py"}
 TOKEN_SUFFIXES = {".npy"}
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
 TOKEN_COLUMNS = ("input_ids", "tokens", "token_ids")
+HASH_LIMIT = 64 * 2**20  # corpora up to this many bytes are fingerprinted by content as well
+LIST_LIMIT = 1024  # files listed one by one in the fingerprint; above, only their digest (zarr.json stays small)
+BUILTIN_SAMPLE = 500  # the builtin fingerprint hashes every 500th document (each is generated alone)
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,114 @@ def resolve_files(corpus: str) -> list[Path]:
             "a glob, a .jsonl/.parquet file, a .npy token array or a saved HF dataset directory"
         )
     return found
+
+
+def fingerprint_files(corpus: str) -> list[Path]:
+    """The files a corpus's stream is read from; a saved HF dataset directory counts file by file
+    (without the `cache-*` files `datasets` may add beside its data)."""
+    files: list[Path] = []
+    for path in resolve_files(corpus):
+        if _is_hf_dataset_dir(path):
+            files += [p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("cache-")]
+        else:
+            files.append(path)
+    return files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _builtin_fingerprint() -> dict[str, Any]:
+    from actstore.grammar import N_DOCUMENTS, builtin_document
+
+    sample = "\x00".join(builtin_document(i)[0] for i in range(0, N_DOCUMENTS, BUILTIN_SAMPLE))
+    return {
+        "kind": "builtin",
+        "n_documents": N_DOCUMENTS,
+        "sample": f"every {BUILTIN_SAMPLE}th document",
+        "sha256": hashlib.sha256(sample.encode("utf-8")).hexdigest(),
+    }
+
+
+def _file_entries(files: list[Path], hash_content: bool) -> list[dict[str, Any]]:
+    entries = []
+    for path in files:
+        stat = path.stat()
+        entry: dict[str, Any] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if hash_content:
+            entry["sha256"] = _sha256(path)
+        entries.append(entry)
+    return entries
+
+
+def _digest(entries: list[dict[str, Any]]) -> str:
+    """One hash of the listing: path, size and content (or mtime when the content was not hashed)."""
+    lines = (f"{e['path']}\x00{e['size']}\x00{e.get('sha256', e['mtime_ns'])}" for e in entries)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def corpus_fingerprint(corpus: str) -> dict[str, Any]:
+    """What the corpus is now, to be recorded in a store and compared on resume (`corpus_change`)."""
+    if corpus == "builtin":
+        return _builtin_fingerprint()
+    files = fingerprint_files(corpus)
+    total = sum(p.stat().st_size for p in files)
+    entries = _file_entries(files, hash_content=total <= HASH_LIMIT)
+    fp: dict[str, Any] = {
+        "kind": "files",
+        "n_files": len(entries),
+        "bytes": total,
+        "content_hashed": total <= HASH_LIMIT,
+        "digest": _digest(entries),
+    }
+    if len(entries) <= LIST_LIMIT:
+        fp["files"] = entries
+    return fp
+
+
+def corpus_change(recorded: dict[str, Any], corpus: str) -> str | None:
+    """How the corpus differs from the `recorded` fingerprint (the first file that does), or None.
+
+    Where the content was hashed, it decides: a file whose mtime alone changed still matches.
+    """
+    if recorded.get("kind") == "builtin" or corpus == "builtin":
+        if corpus == "builtin" and recorded == _builtin_fingerprint():
+            return None
+        return "the builtin corpus generates other documents than it did (another actstore version's grammar)"
+    try:
+        files = fingerprint_files(corpus)
+    except UsageError:
+        files = []
+    listed = recorded.get("files")
+    if listed is None:  # only the digest was kept: compare counts and sizes first, hash only if they agree
+        total = sum(p.stat().st_size for p in files)
+        if (len(files), total) != (recorded["n_files"], recorded["bytes"]):
+            return f"it had {recorded['n_files']} files of {recorded['bytes']} bytes, now {len(files)} of {total}"
+        if _digest(_file_entries(files, bool(recorded["content_hashed"]))) != recorded["digest"]:
+            what = "contents" if recorded["content_hashed"] else "mtimes"
+            return f"the {what} of some of its {len(files)} files changed"
+        return None
+    now = {str(p): p for p in files}
+    for entry in listed:
+        path = now.pop(entry["path"], None)
+        if path is None:
+            return f"{entry['path']} was removed"
+        stat = path.stat()
+        if stat.st_size != entry["size"]:
+            return f"{entry['path']} changed size ({entry['size']} → {stat.st_size} bytes)"
+        if "sha256" in entry:
+            if _sha256(path) != entry["sha256"]:
+                return f"{entry['path']} changed content (its sha256 differs)"
+        elif stat.st_mtime_ns != entry["mtime_ns"]:
+            return f"{entry['path']} was modified (its mtime changed; the corpus is too large to compare by content)"
+    if now:
+        return f"{next(iter(now))} was added"
+    return None
 
 
 def _table_documents(path: Path, text_column: str) -> Iterator[Document]:

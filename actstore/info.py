@@ -61,6 +61,9 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append(
         f"corpus       {corpus.get('corpus')} split={corpus.get('split')} skip_tokens={corpus.get('skip_tokens')}; {prov.get('bos_policy')}"
     )
+    fp = corpus.get("fingerprint")
+    if fp:
+        lines.append(f"fingerprint  {_fingerprint_line(fp)}")
     codec = prov.get("codec", {})
     lines.append(
         f"codec        {codec.get('name')}{' (lossy)' if codec.get('lossy') else ''} + {codec.get('checksum')} checksum per chunk"
@@ -79,6 +82,14 @@ def format_info(info: dict[str, Any]) -> str:
         )
     lines.append(f"actstore     {prov.get('actstore', {}).get('version')}, created {prov.get('created')}")
     return "\n".join(lines)
+
+
+def _fingerprint_line(fp: dict[str, Any]) -> str:
+    """The corpus fingerprint a resume checks, in a few words."""
+    if fp.get("kind") == "builtin":
+        return f"builtin grammar, {fp.get('n_documents'):,} documents, sample sha256 {str(fp.get('sha256'))[:12]}…"
+    by = "size + sha256 per file" if fp.get("content_hashed") else "size + mtime per file"
+    return f"{fp.get('n_files'):,} files, {fp.get('bytes', 0) / 2**20:,.1f} MiB ({by}), digest {str(fp.get('digest'))[:12]}…"
 
 
 def info_json(info: dict[str, Any]) -> str:

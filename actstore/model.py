@@ -7,7 +7,10 @@ the canonical TransformerLens hook names (`blocks.{L}.hook_resid_post`, …) the
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import torch
 from actstore.errors import UsageError
 from actstore.tiny import SHIPPED_MODELS
 
+HUB_PROBE_TIMEOUT_S = 3.0  # one request to learn whether the hub answers (HF_HUB_ETAG_TIMEOUT overrides)
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
@@ -69,14 +73,6 @@ def check_runtime(device: str, compute_dtype: str) -> None:
 
 def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -> LoadedModel:
     """Boot a shipped model (`tiny`, `tiny-192`), a local HF directory or a hub name through TransformerBridge, in eval mode."""
-    import transformers
-    from transformer_lens.model_bridge import TransformerBridge
-
-    transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
-    transformers.utils.logging.set_verbosity_error()
-    import logging
-
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter when the hub is unreachable
     if compute_dtype not in COMPUTE_DTYPES:
         raise UsageError(f"unknown compute dtype {compute_dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     device = resolve_device(device)
@@ -93,8 +89,19 @@ def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -
             raise UsageError(f"{name} is a directory but has no config.json; give a Hugging Face model directory")
     else:
         target, source = name, "hub"
+    # before the slow imports: a hub name that cannot load fails in seconds
+    offline = source == "hub" and _hub_needs_offline(name)
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the one progress line
+    transformers.utils.logging.set_verbosity_error()
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter when the hub is unreachable
     try:
-        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=COMPUTE_DTYPES[compute_dtype])
+        with _hub_switched_off(offline):
+            bridge = TransformerBridge.boot_transformers(target, device=device, dtype=COMPUTE_DTYPES[compute_dtype])
     except Exception as exc:  # HF raises many types (OSError, ValueError, HTTP errors) for an unknown model
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
@@ -103,6 +110,75 @@ def load_model(name: str, device: str = "cpu", compute_dtype: str = "float32") -
         ) from exc
     bridge.eval()
     return LoadedModel(bridge=bridge, name=name, source=source, device=device, compute_dtype=compute_dtype)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_needs_offline(name: str) -> bool:
+    """Fail in seconds on a hub name that cannot load; True when it must load from the cache offline.
+
+    Why: with the hub unreachable, transformers retries file by file — 30–50 s (measured) before failing
+    on a model that is not cached, minutes before loading one that is. One request with a short timeout
+    tells whether the hub answers at all. If it does (even "not found"), the ordinary path runs and
+    reports what the hub said; if not, a cached model loads with the hub switched off, and one that is
+    not cached is this one-line error.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    shipped = " or ".join(map(repr, SHIPPED_MODELS))
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # HFValidationError: not of the form org/name
+        raise UsageError(
+            f"could not load model {name!r}: it is neither a shipped model ({shipped}), an existing directory nor "
+            "a hub name (org/model); check the spelling or the path"
+        ) from None
+    fix = f"download it on a machine with network (hf download {name}), or give {shipped} or a local model directory"
+    if _offline():
+        if cached:
+            return True  # (the flag may have been set after huggingface_hub read it at import)
+        raise UsageError(
+            f"could not load model {name}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}"
+        )
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_PROBE_TIMEOUT_S)
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except HfHubHTTPError:  # the hub answered: the loading path gives its own error (unknown, gated…)
+        return False
+    except Exception as exc:  # connection refused, DNS, timeout, TLS: nothing will come from the hub
+        if cached:
+            return True
+        raise UsageError(
+            f"could not load model {name}: not in the local Hugging Face cache and the hub is unreachable "
+            f"({type(exc).__name__}); {fix}"
+        ) from None
+    return False
+
+
+@contextmanager
+def _hub_switched_off(active: bool) -> Iterator[None]:
+    """Offline mode for the block (huggingface_hub reads its flag at import; transformers asks it per call)."""
+    if not active:
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[1]
 
 
 def hook_layer(hook: str) -> int | None:

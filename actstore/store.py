@@ -196,7 +196,52 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
         raise StoreError(f"cannot open store {path}: {exc}") from exc
     if "settings" not in group.attrs or "tokens" not in group:
         raise StoreError(f"{path} is a Zarr group but not an actstore store (no settings or tokens)")
+    if TRUNCATING in group.attrs:
+        _finish_for_reader(path)
+        group = zarr.open_group(path, mode=mode)
     return group
+
+
+TRUNCATING = "truncating_to"  # group attribute: the length every array is being cut to (an intent record)
+
+
+def truncate(group: zarr.Group, n_seq: int) -> None:
+    """Cut `tokens` and every `acts/` array to `n_seq` sequences, atomically in effect.
+
+    Why an intent record: the arrays are resized one after another, so a kill in between would leave
+    them of different lengths. The target length is written first; whoever opens the store next
+    (`finish_truncation`: a harvest, or `open_store` for a reader) completes the cut before anything else.
+    """
+    group.attrs.update({TRUNCATING: int(n_seq)})
+    finish_truncation(group)
+
+
+def finish_truncation(group: zarr.Group) -> None:
+    """Complete a pending `truncate` (resizing again is harmless), then drop the intent in the same
+    write that records the new length."""
+    if TRUNCATING not in group.attrs:
+        return
+    n_seq = int(group.attrs[TRUNCATING])
+    for arr in [group["tokens"], *(group["acts"][h] for h in group["acts"].array_keys())]:
+        if arr.shape[0] != n_seq:
+            arr.resize((n_seq, *arr.shape[1:]))
+    attrs = {k: v for k, v in group.attrs.items() if k != TRUNCATING}
+    group.attrs.put({**attrs, "n_seq": n_seq, "truncated": True})
+
+
+def _finish_for_reader(path: str) -> None:
+    """A reader found a truncation a killed harvest left half done: finish it under the writer lock."""
+    from actstore.writer_lock import exclusive
+
+    try:
+        with exclusive(path, "store", "reading it"):
+            finish_truncation(zarr.open_group(path, mode="r+"))
+    except (UsageError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StoreError(
+            f"{path} was left half-truncated by a stopped harvest and cannot be finished now ({reason}); "
+            "re-run the same `actstore harvest` command"
+        ) from exc
 
 
 def committed(group: zarr.Group) -> int:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
 
-from actstore.corpus import CorpusOptions, iter_documents, token_sequences
+from actstore import corpus as corpus_mod
+from actstore.corpus import CorpusOptions, corpus_change, corpus_fingerprint, iter_documents, token_sequences
 from actstore.errors import UsageError
 from actstore.grammar import N_DOCUMENTS, builtin_document, builtin_documents
 from actstore.tiny import EOT_ID, byte_tokenizer
@@ -105,7 +107,11 @@ def test_every_corpus_format_gives_the_same_documents(tmp_path):
     assert list(iter_documents(str(tmp_path / "txt" / "*.txt"))) == texts
     assert list(iter_documents(str(tmp_path / "c.jsonl"), "body")) == texts
     assert list(iter_documents(str(tmp_path / "c.parquet"), "body")) == texts
+    fingerprints = {spec: corpus_fingerprint(str(tmp_path / spec)) for spec in ("txt", "c.parquet", "hf")}
     assert list(iter_documents(str(tmp_path / "hf"), "body")) == texts
+    for spec, fp in fingerprints.items():  # reading wrote nothing into the corpus (datasets keeps no cache there)
+        assert corpus_change(fp, str(tmp_path / spec)) is None
+    assert fingerprints["hf"]["n_files"] >= 2  # a saved dataset counts file by file
 
 
 def test_pretokenized_arrays_are_used_as_they_are(tmp_path, tok):
@@ -126,6 +132,64 @@ def test_missing_corpus_and_missing_column_are_clear_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(UsageError, match="--text-column"):
         list(iter_documents(str(tmp_path / "c.jsonl")))
+
+
+def _touch(path, later: float = 100.0) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + int(later * 1e9)))
+
+
+def test_fingerprint_names_the_first_file_that_changed_and_content_beats_mtime(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_text("beta")
+    spec = str(tmp_path / "*.txt")
+    fp = corpus_fingerprint(spec)
+    assert fp["content_hashed"] and [e["size"] for e in fp["files"]] == [5, 4]
+    assert fp["files"][0]["sha256"] == hashlib.sha256(b"alpha").hexdigest()
+    assert corpus_change(fp, spec) is None
+    _touch(tmp_path / "a.txt")
+    assert corpus_change(fp, spec) is None  # same bytes, new mtime: the content decides
+    (tmp_path / "b.txt").write_text("BETA")
+    assert corpus_change(fp, spec) == f"{tmp_path / 'b.txt'} changed content (its sha256 differs)"
+    (tmp_path / "b.txt").write_text("beta!")
+    assert corpus_change(fp, spec) == f"{tmp_path / 'b.txt'} changed size (4 → 5 bytes)"
+    (tmp_path / "b.txt").write_text("beta")
+    (tmp_path / "c.txt").write_text("gamma")
+    assert corpus_change(fp, spec) == f"{tmp_path / 'c.txt'} was added"
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).unlink()
+    assert corpus_change(fp, spec) == f"{tmp_path / 'a.txt'} was removed"  # even when nothing matches any more
+
+
+def test_a_corpus_too_large_to_hash_is_compared_by_mtime(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "HASH_LIMIT", 4)
+    (tmp_path / "a.txt").write_text("alpha")
+    fp = corpus_fingerprint(str(tmp_path))
+    assert not fp["content_hashed"] and "sha256" not in fp["files"][0]
+    assert corpus_change(fp, str(tmp_path)) is None
+    _touch(tmp_path / "a.txt")
+    assert "a.txt was modified (its mtime changed" in corpus_change(fp, str(tmp_path))
+
+
+def test_a_corpus_of_many_files_keeps_only_their_digest(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "LIST_LIMIT", 1)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text(name)
+    fp = corpus_fingerprint(str(tmp_path))
+    assert "files" not in fp and fp["n_files"] == 2 and len(fp["digest"]) == 64
+    _touch(tmp_path / "a.txt")
+    assert corpus_change(fp, str(tmp_path)) is None
+    (tmp_path / "a.txt").write_text("A.txt")
+    assert corpus_change(fp, str(tmp_path)) == "the contents of some of its 2 files changed"
+    (tmp_path / "c.txt").write_text("c")
+    assert corpus_change(fp, str(tmp_path)) == "it had 2 files of 10 bytes, now 3 of 11"
+
+
+def test_the_builtin_fingerprint_is_a_digest_of_sampled_documents():
+    fp = corpus_fingerprint("builtin")
+    assert fp == corpus_fingerprint("builtin") and fp["kind"] == "builtin" and fp["n_documents"] == N_DOCUMENTS
+    assert corpus_change(fp, "builtin") is None
+    assert "builtin corpus generates other documents" in corpus_change({**fp, "sha256": "0" * 64}, "builtin")
 
 
 BUILTIN_DIGEST = "53fbdea12b564d0e669ab43fb222c017da185f5a21a3d99165ac6d1335638680"

@@ -229,3 +229,183 @@ def test_activations_float16_cannot_hold_are_a_one_line_error_and_the_store_resu
     harvest(out, opts)  # the same command resumes after the committed batch
     g = zarr.open_group(out, mode="r")
     assert g.attrs["commit"]["n_seq"] == 16 and np.isfinite(g["acts/blocks.1.hook_resid_post"][:]).all()
+
+
+def _corpus_dir(tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the first file of the corpus. " * 14)
+    (corpus / "b.txt").write_text("and here is the second file! " * 14)
+    return corpus
+
+
+def _uncommit(out: str, n_seq: int = 4) -> None:
+    """Set the commit record back, as a harvest killed after its first batch leaves it."""
+    st.commit(zarr.open_group(out, mode="r+"), n_seq)
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    arrays = ["tokens", *(f"acts/{h}" for h in st.hooks_of(ga))]
+    return st.hooks_of(ga) == st.hooks_of(gb) and all(
+        ga[n].shape == gb[n].shape and ga[n][:].tobytes() == gb[n][:].tobytes() for n in arrays
+    )
+
+
+def test_the_store_records_a_corpus_fingerprint_that_a_touched_file_still_matches(tmp_path):
+    corpus = _corpus_dir(tmp_path)
+    opts = HarvestOptions(corpus=str(corpus), hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=4)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "s.zarr")
+    harvest(ref, opts)
+    harvest(out, opts)
+    fp = zarr.open_group(out, mode="r").attrs["corpus"]["fingerprint"]
+    assert fp["kind"] == "files" and fp["content_hashed"] and fp["n_files"] == 2
+    assert [(Path(f["path"]).name, f["size"]) for f in fp["files"]] == [("a.txt", 420), ("b.txt", 406)]
+    assert all(len(f["sha256"]) == 64 and f["mtime_ns"] > 0 for f in fp["files"])
+    assert "fingerprint  2 files" in format_info(store_info(out))
+
+    _uncommit(out)
+    later = time.time() + 100
+    os.utime(corpus / "a.txt", (later, later))  # `touch`: same bytes, new mtime
+    harvest(out, opts)  # the content decides: resumed
+    assert st.committed(st.open_store(out)) == 8 and _same_bytes(out, ref)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (
+            lambda c: (c / "b.txt").write_text((c / "b.txt").read_text().replace("second", "SECOND")),
+            "b.txt changed content",
+        ),
+        (lambda c: (c / "b.txt").write_text("short"), r"b.txt changed size \(406 → 5 bytes\)"),
+        (lambda c: (c / "b.txt").unlink(), "b.txt was removed"),
+        (lambda c: (c / "0.txt").write_text("new"), "0.txt was added"),
+    ],
+    ids=["content", "size", "removed", "added"],
+)
+def test_resuming_over_a_changed_corpus_is_refused_in_one_line_unless_overwrite(tmp_path, change, says):
+    corpus = _corpus_dir(tmp_path)
+    opts = HarvestOptions(corpus=str(corpus), hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=4)
+    out = str(tmp_path / "s.zarr")
+    harvest(out, opts)
+    _uncommit(out)
+    change(corpus)
+    before = (Path(out) / "zarr.json").read_bytes()
+    with pytest.raises(
+        StoreError, match=f"{out} cannot resume: its corpus changed .*{says}.*; restore the corpus, or use --overwrite"
+    ) as err:
+        harvest(out, opts)
+    assert "\n" not in str(err.value) and (Path(out) / "zarr.json").read_bytes() == before
+    if says.startswith("b.txt changed size"):
+        return  # the corpus is now too short for 8 sequences; the others check --overwrite
+    harvest(out, opts, overwrite=True)  # harvests afresh from the corpus as it is now
+    fresh = str(tmp_path / "fresh.zarr")
+    harvest(fresh, opts)
+    assert _same_bytes(out, fresh) and st.committed(st.open_store(out)) == 8
+    assert not Path(out + ".partial").exists()
+    assert zarr.open_group(out).attrs["corpus"] == zarr.open_group(fresh).attrs["corpus"]
+
+
+def test_a_store_without_a_fingerprint_still_resumes_with_a_warning(tmp_path, capsys):
+    corpus = _corpus_dir(tmp_path)
+    opts = HarvestOptions(corpus=str(corpus), hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=4)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "s.zarr")
+    harvest(ref, opts)
+    harvest(out, opts)
+    g = zarr.open_group(out, mode="r+")
+    g.attrs["corpus"] = {k: v for k, v in g.attrs["corpus"].items() if k != "fingerprint"}  # an older version's store
+    _uncommit(out)
+    capsys.readouterr()
+    harvest(out, opts)
+    assert "records no corpus fingerprint" in capsys.readouterr().err
+    assert st.committed(st.open_store(out)) == 8 and _same_bytes(out, ref)
+
+
+def test_rerunning_a_complete_store_needs_neither_the_corpus_nor_the_model(tmp_path, monkeypatch):
+    from actstore.steps import harvest as hv
+
+    corpus = _corpus_dir(tmp_path)
+    opts = HarvestOptions(corpus=str(corpus), hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=4)
+    out = str(tmp_path / "s.zarr")
+    harvest(out, opts)
+    (corpus / "a.txt").unlink()
+    monkeypatch.setattr(hv, "load_model", lambda *a: pytest.fail("a complete store must not load the model"))
+    harvest(out, opts)
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL at a chosen point of the truncation."""
+
+
+def _truncation_opts(tmp_path: Path) -> HarvestOptions:
+    (tmp_path / "c.txt").write_text("a short corpus. " * 20)  # 321 tokens: 10 sequences of 32, not 100
+    return HarvestOptions(corpus=str(tmp_path / "c.txt"), hooks=HOOKS, seq_len=32, tokens=100 * 32, batch_size=4)
+
+
+def _lengths(out: str) -> set[int]:
+    g = zarr.open_group(out, mode="r")
+    return {g["tokens"].shape[0], *(g[f"acts/{h}"].shape[0] for h in HOOKS)}
+
+
+@pytest.mark.parametrize("kill_at", [0, 1, 2, 3])
+def test_a_kill_during_truncation_is_finished_by_the_next_harvest_bit_identical(tmp_path, monkeypatch, kill_at):
+    """kill_at 0: before the intent record is written; k ≥ 1: at the k-th of the three resizes."""
+    opts = _truncation_opts(tmp_path)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "s.zarr")
+    harvest(ref, opts)
+    assert _lengths(ref) == {10}
+
+    calls = {"n": 0}
+    real_resize, real_truncate = zarr.Array.resize, st.truncate
+
+    def resize(self, shape, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise _Killed
+        return real_resize(self, shape, *a, **kw)
+
+    def truncate(group, n_seq):
+        if kill_at == 0:
+            raise _Killed
+        real_truncate(group, n_seq)
+
+    monkeypatch.setattr(zarr.Array, "resize", resize)
+    monkeypatch.setattr(st, "truncate", truncate)
+    with pytest.raises(_Killed):
+        harvest(out, opts)
+    monkeypatch.undo()
+    attrs = zarr.open_group(out, mode="r").attrs
+    if kill_at == 2:  # what the old code left for good: tokens cut, acts not
+        assert _lengths(out) == {10, 100} and attrs["truncating_to"] == 10
+    if kill_at == 0:
+        assert "truncating_to" not in attrs and _lengths(out) == {100}
+
+    harvest(out, opts)  # the same command finishes the store
+    g = zarr.open_group(out, mode="r")
+    assert _lengths(out) == {10} and "truncating_to" not in g.attrs
+    assert g.attrs["n_seq"] == 10 and g.attrs["truncated"] and st.committed(g) == 10
+    assert _same_bytes(out, ref)
+
+
+def test_a_reader_finishes_a_truncation_a_killed_harvest_left(tmp_path, monkeypatch):
+    opts = _truncation_opts(tmp_path)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "s.zarr")
+    harvest(ref, opts)
+    real_resize, calls = zarr.Array.resize, {"n": 0}
+
+    def resize(self, shape, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Killed
+        return real_resize(self, shape, *a, **kw)
+
+    monkeypatch.setattr(zarr.Array, "resize", resize)
+    with pytest.raises(_Killed):
+        harvest(out, opts)
+    monkeypatch.undo()
+    assert _lengths(out) == {10, 100}
+    g = st.open_store(out)  # a reader (info, train, eval) never sees the arrays of different lengths
+    assert {g["tokens"].shape[0], *(g["acts"][h].shape[0] for h in HOOKS)} == {10}
+    assert "truncating_to" not in g.attrs and g.attrs["truncated"] and store_info(out)["complete"]
+    assert _same_bytes(out, ref)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -98,3 +100,48 @@ def test_the_install_adds_no_generic_top_level_cli_or_sql_module(tmp_path):
         "assert (r.files('actstore.models') / 'tiny' / 'config.json').is_file()\n"
     )
     subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_a_hub_name_that_is_not_cached_fails_in_one_line_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        UsageError,
+        match="could not load model someorg/nonexistent-model: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it .*hf download someorg/nonexistent-model.*, or give 'tiny'",
+    ):
+        load_model("someorg/nonexistent-model")
+    with pytest.raises(
+        UsageError,
+        match="could not load model './no/such/model-dir': it is neither a shipped model .* an existing directory nor a hub name",
+    ):
+        load_model("./no/such/model-dir")
+
+
+def test_an_unreachable_hub_fails_fast_for_an_uncached_name_and_a_cached_one_loads_offline(tmp_path):
+    """The hub unreachable (nothing listens on port 9), offline mode not set: an uncached name is the one-line
+    error at once, not after transformers' retries; a cached one (tiny, copied into a fake HF cache) loads."""
+    commit = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(TINY_DIR, repo / "snapshots" / commit)
+    probe = (
+        "import json, time\n"
+        "from actstore.model import load_model\n"
+        "t = time.time(); m = load_model('someorg/tiny'); cached_s = time.time() - t\n"
+        "t = time.time()\n"
+        "try:\n"
+        "    load_model('someorg/nonexistent-model'); err = None\n"
+        "except Exception as exc:\n"
+        "    err = str(exc)\n"
+        "print(json.dumps({'source': m.source, 'layers': m.n_layers, 'err': err, 'err_s': time.time() - t, 'cached_s': cached_s}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["source"] == "hub" and got["layers"] == 6
+    assert got["err"].startswith(
+        "could not load model someorg/nonexistent-model: not in the local Hugging Face cache and the hub is unreachable"
+    )
+    assert "hf download someorg/nonexistent-model" in got["err"] and "\n" not in got["err"]

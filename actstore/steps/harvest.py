@@ -4,7 +4,10 @@ Why this shape: the model is the expensive part, so it runs once, at several hoo
 stopping after the last layer needed, while a background thread compresses and writes the previous
 batch. Each batch is written as whole chunks and only then counted in the commit record, so a killed
 harvest re-run with the same command regenerates the (deterministic) token stream, skips what was
-committed and finishes bit-identical to an uninterrupted run.
+committed and finishes bit-identical to an uninterrupted run. The store records a fingerprint of the
+corpus, and a resume refuses a corpus that changed since (its stream would not continue the committed
+one). When the corpus runs out early the arrays are cut to what was written through an intent record
+(`store.truncate`), so a kill mid-cut never leaves arrays of different lengths.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import zarr
 
 from actstore import __version__, atomic
 from actstore import store as st
-from actstore.corpus import SPLITS, CorpusOptions, token_sequences
+from actstore.corpus import SPLITS, CorpusOptions, corpus_change, corpus_fingerprint, token_sequences
 from actstore.errors import StoreError, UsageError
 from actstore.model import COMPUTE_DTYPES, LoadedModel, capture, check_hooks, check_runtime, load_model, stop_layer
 from actstore.options import build, csv, option, positive
@@ -220,6 +223,24 @@ def _harvest(
                 "use --overwrite to replace it or choose another path"
             )
         target = str(atomic.staged(Path(out.rstrip("/"))))  # the old store stays until the new one is done
+
+    # The store first, the model after: a complete store needs no model, a changed corpus fails fast.
+    group = None
+    if _existing_settings(target, overwrite=True) == settings:
+        group = zarr.open_group(target, mode="r+")
+        if "tokens" not in group:  # killed while its arrays were being created: nothing was written
+            group = None
+    if group is not None:
+        st.finish_truncation(group)  # a harvest killed while cutting the arrays to the corpus's length
+        if st.committed(group) >= group["tokens"].shape[0]:
+            _say(progress, f"{target}: already complete ({st.committed(group)} sequences)")
+            return _finish(out, target)
+        if st.committed(group) and not _same_corpus(out, group, o.corpus, overwrite):
+            target, group = str(atomic.staged(Path(out.rstrip("/")))), None  # --overwrite: harvest afresh beside it
+    fingerprint = corpus_fingerprint(o.corpus)
+    if group is not None and not st.committed(group):  # nothing read from the corpus yet: record it as it is now
+        group.attrs["corpus"] = {**o.corpus_options().to_dict(), "fingerprint": fingerprint}
+
     model = loaded or load_model(o.model, o.device, o.compute_dtype)
     if (model.name, model.device, model.compute_dtype) != (o.model, o.device, o.compute_dtype):
         raise UsageError("the loaded model does not match the options' model, device or compute dtype")
@@ -229,17 +250,8 @@ def _harvest(
         raise UsageError(
             f"--seq-len {o.seq_len} is longer than {o.model}'s context of {model.n_ctx}; use at most {model.n_ctx}"
         )
-
-    group = None
-    if _existing_settings(target, overwrite=True) == settings:
-        group = zarr.open_group(target, mode="r+")
-        if "tokens" not in group:  # killed while its arrays were being created: nothing was written
-            group = None
     start = st.committed(group) if group is not None else 0
     start -= start % o.batch_size  # restart at a batch boundary: the same batches give the same bits
-    if group is not None and st.committed(group) >= group["tokens"].shape[0]:
-        _say(progress, f"{target}: already complete ({st.committed(group)} sequences)")
-        return _finish(out, target)
 
     batches = token_sequences(o.corpus_options(), model.tokenizer, start_seq=start, batch_seqs=o.batch_size)
     first = next(batches, None)
@@ -251,7 +263,7 @@ def _harvest(
         )
     _check_vocab(first, model)
     if group is None:
-        group = _create(target, o, model, hooks, first)
+        group = _create(target, o, model, hooks, first, fingerprint)
         start = 0
     lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()} if start else {}
     for acc in lossy.values():  # sums are only valid up to the batch boundary we restart from
@@ -277,12 +289,34 @@ def _harvest(
         if bar is not None:
             bar.close()
     if seq < o.n_seq:
-        _truncate(group, seq)
+        st.truncate(group, seq)
         print(
             f"warning: the corpus ran out after {seq} sequences ({seq * o.seq_len} tokens); the store holds those",
             file=sys.stderr,
         )
     return _finish(out, target)
+
+
+def _same_corpus(out: str, group: Any, corpus: str, overwrite: bool) -> bool:
+    """Whether a store being resumed was harvested from the corpus as it is now (stores of older versions
+    record no fingerprint: resumed with a warning). A changed corpus is refused unless `overwrite`."""
+    recorded = dict(group.attrs.get("corpus", {})).get("fingerprint")
+    if recorded is None:
+        print(
+            f"warning: {out} records no corpus fingerprint (an older actstore wrote it); "
+            f"resuming without checking that {corpus!r} is unchanged",
+            file=sys.stderr,
+        )
+        return True
+    change = corpus_change(recorded, corpus)
+    if change is None:
+        return True
+    if overwrite:
+        return False
+    raise StoreError(
+        f"{out} cannot resume: its corpus changed since the harvest started ({change}); "
+        "restore the corpus, or use --overwrite (or another path) to harvest afresh"
+    )
 
 
 def _local_path(out: str) -> str:
@@ -302,7 +336,9 @@ def _check_vocab(first: np.ndarray, model: LoadedModel) -> None:
         raise UsageError(f"the corpus has token ids outside 0…{vocab - 1}; was it tokenized for another model?")
 
 
-def _create(out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], first: np.ndarray) -> Any:
+def _create(
+    out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], first: np.ndarray, fingerprint: dict[str, Any]
+) -> Any:
     """Allocate the store; the hooks' widths come from one forward pass on one sequence."""
     probe = capture(model, torch.from_numpy(first[:1].astype(np.int64)).to(model.device), hooks)
     hook_dims = {h: int(np.prod(a.shape[2:])) for h, a in probe.items()}
@@ -316,7 +352,7 @@ def _create(out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], f
             "compute_dtype": o.compute_dtype,
             "device": o.device,
         },
-        "corpus": o.corpus_options().to_dict(),
+        "corpus": {**o.corpus_options().to_dict(), "fingerprint": fingerprint},
         "bos_policy": "prepend BOS to every sequence"
         if o.prepend_bos
         else "packed, documents separated by end-of-text",
@@ -340,14 +376,6 @@ def _create(out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], f
         shard_seqs=o.shard_seqs,
         attrs=attrs,
     )
-
-
-def _truncate(group: Any, n_seq: int) -> None:
-    group["tokens"].resize((n_seq, group["tokens"].shape[1]))
-    for hook in st.hooks_of(group):
-        arr = group["acts"][hook]
-        arr.resize((n_seq, *arr.shape[1:]))
-    group.attrs.update({"n_seq": n_seq, "truncated": True})
 
 
 def _say(progress: bool, msg: str) -> None:
