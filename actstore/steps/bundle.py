@@ -36,7 +36,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import IO, Any
 
-from actstore import __version__, atomic, bundle_readme
+from actstore import __version__, atomic, bundle_readme, diskspace
 from actstore import run as rundir
 from actstore.errors import StoreError, UsageError
 from actstore.tables import SCHEMA_VERSION
@@ -58,6 +58,18 @@ _verified: dict[Path, tuple] = {}  # a bundle directory -> the stat signature it
 def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = False, overwrite: bool = False) -> Path:
     """Pack RUN's records (and optionally its SAE weights and reconstructions) into OUT: a directory, a .tar or
     a .zip. Built aside and renamed into place, so a failed create leaves any old OUT as it was."""
+    with diskspace.guard(out, lambda: _bundle_bytes(Path(run), Path(out), with_saes)):
+        return _create(run, out, with_saes=with_saes, with_recon=with_recon, overwrite=overwrite)
+
+
+def _bundle_bytes(run: Path, out: Path, with_saes: bool) -> int:
+    """The records (and SAE weights) a bundle copies; twice that for an archive, packed from a staged copy."""
+    files = _record_files(run) + (list(rundir.saes_dir(run).rglob("*")) if with_saes else [])
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    return size * (2 if out.suffix in ARCHIVES else 1)
+
+
+def _create(run: str, out: str, *, with_saes: bool, with_recon: bool, overwrite: bool) -> Path:
     run_dir, dest = Path(run), Path(out)
     if not run_dir.is_dir():
         raise UsageError(f"no run directory {run}; give the directory `actstore train --out` wrote")

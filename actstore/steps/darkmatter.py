@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from actstore import atomic, integrity
+from actstore import atomic, diskspace, integrity
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import UsageError
@@ -239,7 +239,7 @@ def darkmatter(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
-    with exclusive(run, "run", "actstore darkmatter"):
+    with exclusive(run, "run", "actstore darkmatter"), diskspace.guard(run):
         return _darkmatter(run, options, progress=progress, loaded=loaded, only=only)
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 
-from actstore import __version__
+from actstore import __version__, diskspace
 from actstore import run as rundir
 from actstore import store as st
 from actstore.draws import check_draws, draw_batch
@@ -85,8 +86,22 @@ def evaluate(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
-    with exclusive_all("actstore eval", (run, "run"), (eval_store, "store")):
+    needed = lambda: eval_bytes(eval_store, run, sae_paths, options)  # noqa: E731
+    with exclusive_all("actstore eval", (run, "run"), (eval_store, "store")), diskspace.guard(run, needed):
         return _evaluate(eval_store, run, sae_paths, options, progress=progress, loaded=loaded)
+
+
+def eval_bytes(eval_store: str, run: str, sae_paths: list[str] | None, o: EvalOptions) -> int:
+    """About what an evaluation writes: per SAE its reconstruction in the store's dtype and its records
+    (≈ 100 bytes a token, the measured size of a row with its codes)."""
+    group = st.open_store(eval_store)
+    n_seq, seq_len = group["tokens"].shape
+    tokens = min(n_seq, o.max_seqs or n_seq) * seq_len
+    itemsize, total = 4 if group.attrs.get("dtype") == "float32" else 2, 0
+    for path in sae_paths or rundir.trained_sae_dirs(run):
+        cfg = json.loads((Path(path) / "cfg.json").read_text())
+        total += tokens * (int(cfg["d_in"]) * itemsize + 100)
+    return total
 
 
 def _evaluate(

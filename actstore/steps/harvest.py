@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import zarr
 
-from actstore import __version__, atomic
+from actstore import __version__, atomic, diskspace
 from actstore import store as st
 from actstore.corpus import SPLITS, CorpusOptions, corpus_change, corpus_fingerprint, token_sequences
 from actstore.errors import StoreError, UsageError
@@ -195,8 +195,24 @@ def harvest(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
-    with exclusive(out, "store", "actstore harvest"):
+    with exclusive(out, "store", "actstore harvest"), diskspace.guard(out, lambda: remaining_bytes(out)):
         return _harvest(out, options, overwrite=overwrite, progress=progress, loaded=loaded, **kwargs)
+
+
+def remaining_bytes(out: str) -> int | None:
+    """What the store at OUT (or its replacement being built) still has to write, uncompressed: an upper
+    bound for lossless codecs, which gain little on activations."""
+    for path in (str(atomic.staged(Path(out.rstrip("/")))), out):
+        try:
+            group = zarr.open_group(path, mode="r")
+            n_seq, seq_len = group["tokens"].shape
+        except Exception:
+            continue
+        per_token = 4 + sum(
+            int(group["acts"][h].shape[2]) * group["acts"][h].dtype.itemsize for h in st.hooks_of(group)
+        )
+        return (n_seq - st.committed(group)) * seq_len * per_token
+    return None
 
 
 def _harvest(

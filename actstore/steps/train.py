@@ -11,6 +11,7 @@ aside and renamed into place every `checkpoint_seconds`; the same command resume
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore import __version__, atomic, integrity
+from actstore import __version__, atomic, diskspace, integrity
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import StoreError, UsageError
@@ -167,8 +168,20 @@ def train(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
-    with exclusive(out, "run", "actstore train"):
+    with exclusive(out, "run", "actstore train"), diskspace.guard(out, lambda: sweep_bytes(store, out, specs)):
         return _train(store, out, specs, options, progress=progress)
+
+
+def sweep_bytes(store: str, run: str, specs: list[SAESpec]) -> int:
+    """Bytes the unfinished SAEs of `specs` still need in RUN: each SAE's float32 weights and fire counts,
+    plus its share of the checkpoint (the weights and Adam's two moments)."""
+    group, total = st.open_store(store), 0
+    for spec in specs:
+        if not rundir.is_trained(run, spec.sae_id):
+            d = int(group["acts"][spec.hook].shape[2])
+            params = 2 * d * spec.expansion * d + spec.expansion * d + d
+            total += 4 * params + 8 * spec.expansion * d + 3 * 4 * params
+    return total
 
 
 def _train(
@@ -293,7 +306,9 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
             with atomic.replacing(ckpt_path) as (stage,):
                 stage.mkdir()
                 state = {"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]}
-                torch.save(state, stage / CHECKPOINT_STATE)
+                buffer = io.BytesIO()  # torch's own file writer reports a full disk as a bare RuntimeError
+                torch.save(state, buffer)
+                (stage / CHECKPOINT_STATE).write_bytes(buffer.getbuffer())
                 integrity.seal(stage)
             last_ckpt = time.monotonic()
     if bar is not None:
