@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from actstore import __version__
+from actstore import __version__, diskspace
 from actstore.analytics import FORMATS
 from actstore.cli.options import options_of, take
 from actstore.errors import ActstoreError
@@ -17,16 +17,68 @@ from actstore.steps.evaluate import EvalOptions
 from actstore.steps.harvest import HarvestOptions
 from actstore.steps.train import Sweep, TrainOptions
 
+# Every character str.splitlines() breaks at, written as its escape: an error names what the user typed, and
+# a value holding a newline must not turn the one-line error into two.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_LINE_BREAKS)
+
+
+class _OneLineUsageError(click.UsageError):
+    """click's usage error (bad value, unknown option, missing argument) printed like every other error: one
+    line (error: MESSAGE; see `actstore CMD --help`) and exit 2, not click's usage block."""
+
+    def __init__(self, message: str, ctx: click.Context | None, command: str) -> None:
+        super().__init__(message, ctx)
+        self.command = command
+
+    def show(self, file: Any = None) -> None:
+        message = self.message[:-1] if self.message.endswith(".") else self.message
+        click.echo(f"error: {_one_line(message)}; see `{self.command} --help`", err=True, file=file)
+
+
+def _one_line_usage(exc: click.UsageError, root: click.Context | None = None) -> click.UsageError:
+    """The same error, shown on one line; a bare group's help (`actstore`, `actstore bundle`) stays as it is.
+    Some of click's errors carry no context; then the subcommand the root context dispatched to is named."""
+    if isinstance(exc, (_OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return exc
+    names, ctx = [], exc.ctx
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    if exc.ctx is None and root is not None and root.invoked_subcommand:
+        names = [root.invoked_subcommand]
+    return _OneLineUsageError(exc.format_message(), exc.ctx, " ".join(["actstore", *reversed(names)]))
+
 
 class _Group(click.Group):
-    """Prints an ActstoreError as one line (no traceback) and exits 2 for usage, 1 for runtime."""
+    """Prints an ActstoreError, and click's own usage errors, as one line (no traceback, no usage block) and
+    exits 2 for usage, 1 for runtime."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:  # `actstore --bogus`
+            raise _one_line_usage(exc) from None
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # an unknown command, or a subcommand's options and arguments
+            raise _one_line_usage(exc, ctx) from None
         except ActstoreError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a path the OS refused that no step checked first: still one line, no traceback
+            if diskspace.full_error(exc) is not None:
+                click.echo(f"error: {_one_line(str(exc))}; free space, then re-run the same command", err=True)
+                sys.exit(1)
+            where = next((str(n) for n in (exc.filename, exc.filename2) if n), "a path")
+            reason = exc.strerror or type(exc).__name__
+            click.echo(f"error: cannot use {_one_line(where)} ({reason}); choose another path", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -171,6 +223,12 @@ def sql_(
     from actstore import analytics
     from actstore.errors import UsageError
 
+    if list_queries or shell:  # either ignores what a query would take: refuse it rather than drop it silently
+        given = {"SQL text": text is not None, "--query": name is not None, "--param": bool(params)}
+        given.update({"--out": out is not None, "--shell": list_queries and shell})
+        if any(given.values()):
+            clash = ", ".join(k for k, v in given.items() if v)
+            raise UsageError(f"{'--list' if list_queries else '--shell'} takes no {clash}; give it alone with RUN")
     if list_queries:
         for q in analytics.named_queries().values():
             click.echo(f"{q.name:<26} {q.purpose}")

@@ -136,6 +136,8 @@ class TrainOptions:
         positive("log_every", self.log_every)
         if not (math.isfinite(self.auxk_coef) and self.auxk_coef >= 0):
             raise UsageError(f"--auxk-coef {self.auxk_coef} must be a non-negative number")
+        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
+            raise UsageError(f"--checkpoint-seconds {self.checkpoint_seconds} must be a non-negative number of seconds")
         resolve_device(self.device)
 
     def loader(self) -> LoaderOptions:
