@@ -47,6 +47,10 @@ HOOKS = "blocks.1.hook_resid_post,blocks.3.hook_resid_post"
 # Wall times are the only fields two identical runs are allowed to differ in.
 VOLATILE_COLUMNS = {"train_seconds", "seconds", "created"}
 VOLATILE_KEYS = {"created", "updated", "seconds"}
+# The work each command does: the campaign's sizes, and a quarter of them for the tests' fast subset.
+SIZES = {"full": {"harvest": "16k", "eval_store": "2k", "train": "40k", "eval_seqs": "32"},
+         "small": {"harvest": "6k", "eval_store": "1k", "train": "12k", "eval_seqs": "8"}}  # fmt: skip
+SIZE = dict(SIZES["full"])
 
 
 def actstore(*args: str) -> list[str]:
@@ -73,12 +77,15 @@ def _harvest_args(out: Path, split: str, tokens: str) -> list[str]:
 def _train_args(live: Path) -> list[str]:
     return actstore(
         "train", str(live / "train.zarr"), "--out", str(live / "run"), "--hooks", HOOKS, "--k", "4,8",
-        "--expansion", "4", "--tokens", "40k", "--batch-size", "256", "--checkpoint-seconds", "0.3", "--quiet",
+        "--expansion", "4", "--tokens", SIZE["train"], "--batch-size", "256", "--checkpoint-seconds", "0.3", "--quiet",
     )  # fmt: skip
 
 
 def _eval_args(live: Path) -> list[str]:
-    return actstore("eval", str(live / "eval.zarr"), "--run", str(live / "run"), "--batch-size", "4", "--quiet")
+    return actstore(
+        "eval", str(live / "eval.zarr"), "--run", str(live / "run"), "--batch-size", "4",
+        "--max-seqs", SIZE["eval_seqs"], "--quiet",
+    )  # fmt: skip
 
 
 def _darkmatter_args(live: Path) -> list[str]:
@@ -96,8 +103,8 @@ def build_fixtures(root: Path) -> Path:
     shutil.rmtree(live, ignore_errors=True)
     live.mkdir()
     steps = [
-        _harvest_args(live / "train.zarr", "train", "16k"),
-        _harvest_args(live / "eval.zarr", "eval", "2k"),
+        _harvest_args(live / "train.zarr", "train", SIZE["harvest"]),
+        _harvest_args(live / "eval.zarr", "eval", SIZE["eval_store"]),
         _train_args(live),
     ]
     for argv in [*steps, None, _eval_args(live)]:
@@ -191,7 +198,10 @@ def fp_bundle(live: Path) -> Any:
 
 CASES = {
     "harvest": Case(
-        "harvest", lambda fx, live: None, lambda live: _harvest_args(live / "out.zarr", "train", "16k"), fp_harvest
+        "harvest",
+        lambda fx, live: None,
+        lambda live: _harvest_args(live / "out.zarr", "train", SIZE["harvest"]),
+        fp_harvest,
     ),
     "train": Case("train", _copy_from("trained", ("train.zarr",)), _train_args, fp_run),
     "eval": Case("eval", _copy_from("trained", ("train.zarr", "eval.zarr", "run")), _eval_args, fp_run),
@@ -311,7 +321,9 @@ def main() -> None:
     ap.add_argument("--commands", default=",".join(CASES), help="Comma-separated subset of " + ", ".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="Where to work (default: a temporary directory, removed).")
+    ap.add_argument("--size", choices=list(SIZES), default="full", help="The work each command does.")
     args = ap.parse_args()
+    SIZE.update(SIZES[args.size])
     names = [n for n in args.commands.split(",") if n]
     unknown = sorted(set(names) - set(CASES))
     if unknown:
