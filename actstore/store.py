@@ -13,6 +13,7 @@ uint16 bit pattern with the attribute `actstore_dtype: "bfloat16"`; `read_acts` 
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,25 @@ def _finish_for_reader(path: str) -> None:
             f"{path} was left half-truncated by a stopped harvest and cannot be finished now ({reason}); "
             "re-run the same `actstore harvest` command"
         ) from exc
+
+
+_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes a chunk there, then renames
+
+
+def clear_leftovers(path: str) -> int:
+    """Remove the temporary chunk files a killed writer left in the local store at PATH; how many.
+
+    Only a writer holding the store's lock may call it: another live writer's temporary files look the same.
+    Readers never see these files (zarr reads chunk keys, not directory listings), but a resumed store
+    should be the same files as an uninterrupted one."""
+    if "://" in path or not Path(path).is_dir():
+        return 0
+    gone = 0
+    for f in Path(path).rglob("*.partial"):
+        if _ZARR_TEMP.search(f.name) and f.is_file():
+            f.unlink()
+            gone += 1
+    return gone
 
 
 def committed(group: zarr.Group) -> int:

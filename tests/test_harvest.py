@@ -357,3 +357,19 @@ def test_a_reader_finishes_a_truncation_a_killed_harvest_left(tmp_path, monkeypa
     assert {g["tokens"].shape[0], *(g["acts"][h].shape[0] for h in HOOKS)} == {10}
     assert "truncating_to" not in g.attrs and g.attrs["truncated"] and store_info(out)["complete"]
     assert _same_bytes(out, ref)
+
+
+def test_a_resumed_harvest_removes_the_chunk_files_a_killed_writer_left(small_store, tmp_path):
+    """zarr writes a chunk to <key>.<uuid>.partial and renames it; a kill between leaves the temporary
+    file, which readers ignore but which would make a resumed store differ from an uninterrupted one."""
+    import shutil
+
+    out = tmp_path / "s.zarr"
+    shutil.copytree(small_store, out)
+    chunk = next(p for p in (out / "acts" / HOOKS[0]).rglob("*") if p.is_file() and p.name[0].isdigit())
+    left = chunk.with_name(chunk.name + ".0123456789abcdef0123456789abcdef.partial")
+    left.write_bytes(b"half a chunk")
+    unrelated = out / "notes.partial"  # not zarr's naming: not ours to remove
+    unrelated.write_text("mine")
+    harvest(str(out), HarvestOptions(hooks=HOOKS, seq_len=64, tokens=24 * 64, batch_size=8, split="train"))
+    assert not left.exists() and unrelated.exists()

@@ -115,6 +115,7 @@ def _evaluate(
 ) -> list[str]:
     """The work of `evaluate`, under its writer lock."""
     group = st.open_store(eval_store, mode="r+")
+    st.clear_leftovers(eval_store)  # a killed eval's half-written reconstruction chunks (we hold the lock)
     n_store = int(group["tokens"].shape[0])
     if st.committed(group) < n_store:
         raise StoreError(

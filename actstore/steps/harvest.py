@@ -244,6 +244,7 @@ def _harvest(
     group = None
     if _existing_settings(target, overwrite=True) == settings:
         group = zarr.open_group(target, mode="r+")
+        st.clear_leftovers(target)  # a killed writer's half-written chunk files (we hold the lock)
         if "tokens" not in group:  # killed while its arrays were being created: nothing was written
             group = None
     if group is not None:
