@@ -69,6 +69,22 @@ def write_bytes(path: Path, data: bytes) -> None:
         stage.write_bytes(data)
 
 
+def recover(root: Path) -> None:
+    """Tidy what killed writers left under ROOT: a `.partial` is removed (it was never complete); an `.old`
+    whose final is missing (killed between swap_in's two renames) is renamed back, else removed. Only a
+    writer holding ROOT's lock may call it: a live writer's staging looks the same."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob(f"*{OLD}"), key=lambda p: len(p.parts)):
+        final = path.with_name(path.name[: -len(OLD)])
+        if path.exists() and not final.exists():
+            os.replace(path, final)
+        else:
+            remove(path)
+    for path in sorted(root.rglob(f"*{STAGE}"), key=lambda p: len(p.parts)):
+        remove(path)
+
+
 def is_staging(name: str) -> bool:
     """True for names a writer leaves behind when it is killed: never read them as results."""
     return name.endswith((STAGE, OLD))

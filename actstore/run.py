@@ -79,6 +79,13 @@ def is_trained(run: str | Path, sae_id: str) -> bool:
     return (sae_dir(run, sae_id) / "sae_weights.safetensors").is_file()
 
 
+def recover(run: str | Path) -> None:
+    """Tidy what a killed writer left in the parts of RUN that train, eval and darkmatter write (never the
+    report, which `actstore report` builds without the run's lock). Call it holding the run's lock."""
+    for part in ("saes", "checkpoints", "records", "darkmatter"):
+        atomic.recover(Path(run) / part)
+
+
 def trained_sae_dirs(run: str | Path) -> list[Path]:
     return sorted(p.parent for p in saes_dir(run).glob("*/cfg.json") if not atomic.is_staging(p.parent.name))
 

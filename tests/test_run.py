@@ -234,3 +234,20 @@ def test_write_bytes_replaces_a_file_whole(tmp_path):
     atomic.write_bytes(path, b"one")
     atomic.write_bytes(path, b"two")
     assert path.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_recover_restores_an_old_whose_final_is_missing_and_clears_the_rest(tmp_path):
+    """A kill between swap_in's two renames leaves only NAME.old: the last complete version, renamed back.
+    An .old beside its final, and every .partial, are leftovers and go."""
+    records = tmp_path / "run" / "records" / "tokens"
+    (records / "sae_id=a.old").mkdir(parents=True)
+    (records / "sae_id=a.old" / "part-0.parquet").write_text("a, previous version")
+    (records / "sae_id=b").mkdir()
+    (records / "sae_id=b.old").mkdir()
+    (records / "sae_id=c.partial").mkdir()
+    (tmp_path / "run" / "report.partial").mkdir()  # report builds without the run's lock: not recover's
+    rundir.recover(tmp_path / "run")
+    assert (records / "sae_id=a" / "part-0.parquet").read_text() == "a, previous version"
+    assert sorted(p.name for p in records.iterdir()) == ["sae_id=a", "sae_id=b"]
+    assert (tmp_path / "run" / "report.partial").is_dir()
+    atomic.recover(tmp_path / "missing")  # nothing there: nothing to do

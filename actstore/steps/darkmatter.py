@@ -240,6 +240,7 @@ def darkmatter(
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
     with exclusive(run, "run", "actstore darkmatter"), diskspace.guard(run):
+        rundir.recover(run)
         return _darkmatter(run, options, progress=progress, loaded=loaded, only=only)
 
 

@@ -88,6 +88,7 @@ def evaluate(
     """
     needed = lambda: eval_bytes(eval_store, run, sae_paths, options)  # noqa: E731
     with exclusive_all("actstore eval", (run, "run"), (eval_store, "store")), diskspace.guard(run, needed):
+        rundir.recover(run)
         return _evaluate(eval_store, run, sae_paths, options, progress=progress, loaded=loaded)
 
 

@@ -171,6 +171,7 @@ def train(
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
     with exclusive(out, "run", "actstore train"), diskspace.guard(out, lambda: sweep_bytes(store, out, specs)):
+        rundir.recover(out)
         return _train(store, out, specs, options, progress=progress)
 
 
