@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from actstore.errors import UsageError
+from actstore.integrity import digest
 
 SPLITS = ("all", "train", "eval")
 EVAL_EVERY = 20  # document i is in the eval split when i % EVAL_EVERY == EVAL_EVERY - 1
@@ -101,14 +102,6 @@ def fingerprint_files(corpus: str) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _builtin_fingerprint() -> dict[str, Any]:
     from actstore.grammar import N_DOCUMENTS, builtin_document
 
@@ -127,7 +120,7 @@ def _file_entries(files: list[Path], hash_content: bool) -> list[dict[str, Any]]
         stat = path.stat()
         entry: dict[str, Any] = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         if hash_content:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = digest(path)
         entries.append(entry)
     return entries
 
@@ -188,7 +181,7 @@ def corpus_change(recorded: dict[str, Any], corpus: str) -> str | None:
         if stat.st_size != entry["size"]:
             return f"{entry['path']} changed size ({entry['size']} → {stat.st_size} bytes)"
         if "sha256" in entry:
-            if _sha256(path) != entry["sha256"]:
+            if digest(path) != entry["sha256"]:
                 return f"{entry['path']} changed content (its sha256 differs)"
         elif stat.st_mtime_ns != entry["mtime_ns"]:
             return f"{entry['path']} was modified (its mtime changed; the corpus is too large to compare by content)"
