@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from actstore import objstore
 from actstore import run as rundir
 from actstore.errors import UsageError
 from actstore.tables import TABLES, empty_view_sql, views
@@ -36,8 +37,11 @@ class NamedQuery:
 
 def resolve(run_or_bundle: str) -> Path:
     """The directory holding `records/`: a run, a bundle directory, or an unpacked .tar/.zip bundle; a bundle
-    (untrusted: it came from someone else) is screened and verified against its manifest first."""
+    (untrusted: it came from someone else) is screened and verified against its manifest first. A URL is read
+    from its verified local copy (actstore/objstore.py)."""
     path = Path(run_or_bundle)
+    if objstore.is_url(run_or_bundle):
+        path = objstore.fetch(run_or_bundle)
     if (path.suffix in (".tar", ".zip") and path.is_file()) or path.is_dir():
         from actstore.steps.bundle import open_bundle
 

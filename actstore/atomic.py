@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 STAGE = ".partial"
 OLD = ".old"
+# Called with the final paths after every `replacing` block swapped them in: a run on object storage commits
+# them there (actstore/objstore.py). Empty for local runs.
+after_replace: list[Callable[[list[Path]], None]] = []
 
 
 def staged(path: Path) -> Path:
@@ -61,6 +64,8 @@ def replacing(*finals: Path) -> Iterator[list[Path]]:
         raise
     for stage, final in zip(stages, finals, strict=True):
         swap_in(stage, final)
+    for hook in list(after_replace):
+        hook(list(finals))
 
 
 def write_bytes(path: Path, data: bytes) -> None:

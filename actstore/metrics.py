@@ -68,17 +68,27 @@ def activation_metrics(x: Tensor, xh: Tensor, l0: Tensor, mu: Tensor) -> dict[st
 
 
 def rate_and_latents(
-    codes: pl.DataFrame, token_rows: np.ndarray, n_tokens: int, d_sae: int, dec_norm: np.ndarray
+    codes: pl.DataFrame,
+    token_rows: np.ndarray,
+    n_tokens: int,
+    d_sae: int,
+    dec_norm: np.ndarray,
+    everywhere: tuple[np.ndarray, int] | None = None,
 ) -> tuple[np.ndarray, pl.DataFrame]:
     """Per-token rate proxy (docs/METHODS.md) and per-latent firing counts, from the codes of n_tokens tokens.
 
     Rate: Σ over a token's active latents of −log₂ p_i, p_i = latent i's share of all firings on the
     evaluated tokens, plus 8 bits per active value. `token_rows` gives each code's row in the tokens table.
+    `everywhere`: (firings per latent, tokens) over all evaluated tokens when these codes are one rank's
+    share of them (torchrun): p_i and the latents table then describe the whole evaluation.
     """
     latent = codes["latent"].to_numpy()
     fires = np.bincount(latent, minlength=d_sae)
-    bits = -np.log2(np.maximum(fires, 1) / max(len(latent), 1))[latent] + 8.0
-    rate = np.bincount(token_rows, weights=bits, minlength=n_tokens).astype(np.float32)
+    rows = n_tokens
+    if everywhere is not None:
+        fires, n_tokens = everywhere
+    bits = -np.log2(np.maximum(fires, 1) / max(int(fires.sum()), 1))[latent] + 8.0
+    rate = np.bincount(token_rows, weights=bits, minlength=rows).astype(np.float32)
     latents = pl.DataFrame(
         {
             "latent": np.arange(d_sae, dtype=np.int32),

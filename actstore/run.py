@@ -90,11 +90,13 @@ def trained_sae_dirs(run: str | Path) -> list[Path]:
     return sorted(p.parent for p in saes_dir(run).glob("*/cfg.json") if not atomic.is_staging(p.parent.name))
 
 
-def checkpoint_path(run: str | Path, hook: str, store: str = "") -> Path:
-    """One checkpoint directory per (train store, hook): two models' sweeps at one hook name never share it.
-    It holds `state.pt` and its SHA256SUMS, swapped in together."""
+def checkpoint_path(run: str | Path, hook: str, store: str = "", share: str | None = None) -> Path:
+    """One checkpoint directory per (train store, hook): two models' sweeps at one hook name never share it;
+    under torchrun one per rank's share of the sweep (`share`, e.g. "1of4"), so a resume with the same
+    number of ranks finds each rank's own. It holds `state.pt` and its SHA256SUMS, swapped in together."""
     suffix = f".{hash_key(str(store))}" if store else ""
-    return Path(run) / "checkpoints" / f"{hook}{suffix}.ckpt"
+    rank = f".rank{share}" if share else ""
+    return Path(run) / "checkpoints" / f"{hook}{suffix}{rank}.ckpt"
 
 
 def probe_path(run: str | Path, sae_id: str) -> Path:
@@ -144,15 +146,25 @@ def conform(table: str, frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_tables(run: str | Path, key: str, frames: dict[str, pl.DataFrame], part: str = "0") -> None:
+def write_tables(
+    run: str | Path, key: str, frames: dict[str, pl.DataFrame], part: str = "0", share: tuple[int, int] | None = None
+) -> None:
     """Replace file `part` of partition `key` of each table together: all written aside, then renamed into
-    place. The partition's other parts (another evaluation mode) are carried over unchanged."""
+    place. The partition's other parts (another evaluation mode) are carried over unchanged.
+
+    `share` = (rank, ranks): this rank's rows of part `part` under torchrun, as `part-<part>~r<rank>of<ranks>`.
+    Ranks write in turn, rank 0 first: rank 0 replaces every earlier file of the part, each later rank keeps
+    those of the ranks before it (`_carried`)."""
     finals = [part_path(run, table, key).parent for table in frames]
-    name = part_path(run, "saes", key, part).name
+    name = part_name(part, share)
     with atomic.replacing(*finals) as stages:
         for stage, final, (table, frame) in zip(stages, finals, frames.items(), strict=True):
             stage.mkdir(parents=True)
-            carried = [p.name for p in final.glob("part-*.parquet") if p.name != name] if final.is_dir() else []
+            carried = (
+                [p.name for p in final.glob("part-*.parquet") if _carried(p.name, part, share)]
+                if final.is_dir()
+                else []
+            )
             known = integrity.check(final, carried) if carried else {}  # never carry (and re-bless) damage
             for other in carried:
                 _carry(final / other, stage / other)
@@ -160,6 +172,30 @@ def write_tables(run: str | Path, key: str, frames: dict[str, pl.DataFrame], par
                 stage / name, compression="zstd", metadata={"actstore_schema": SCHEMA_VERSION}
             )
             integrity.seal(stage, known)
+
+
+_SHARE = re.compile(r"^part-(?P<part>[^~]+?)(~r(?P<rank>\d+)of(?P<ranks>\d+))?\.parquet$")
+
+
+def part_name(part: str, share: tuple[int, int] | None = None) -> str:
+    """The file name of part `part`, or of one rank's share of it."""
+    return f"part-{part}.parquet" if share is None else f"part-{part}~r{share[0]}of{share[1]}.parquet"
+
+
+def has_part(run: str | Path, table: str, key: str, part: str = "0") -> bool:
+    """Whether partition `key` of `table` holds part `part`, whole or in ranks' shares."""
+    folder = part_path(run, table, key).parent
+    return folder.is_dir() and any((m := _SHARE.match(p.name)) and m["part"] == part for p in folder.iterdir())
+
+
+def _carried(name: str, part: str, share: tuple[int, int] | None) -> bool:
+    """Whether writing `part` (or a rank's share of it) keeps the existing file `name`."""
+    m = _SHARE.match(name)
+    if m is None or m["part"] != part:
+        return True  # another part (or a file we do not know: kept, never silently dropped)
+    if share is None or m["rank"] is None:
+        return False
+    return int(m["ranks"]) == share[1] and int(m["rank"]) < share[0]
 
 
 def check_records(run: str | Path, tables: list[str] | None = None) -> None:

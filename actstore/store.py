@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from actstore import objstore
 from actstore.errors import StoreError, UsageError
 
 STORE_DTYPES = ("float16", "bfloat16", "float32")
@@ -139,6 +140,8 @@ def create_store(
         dimension_names=DIMS[:2],
         fill_value=0,
     )
+    n_chunks = -(-n_seq // chunk_seqs)
+    group.create_array(COMMITS, shape=(n_chunks,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
     acts = group.create_group("acts")
     for hook, d in hook_dims.items():
         shards = None if shard_seqs is None else (shard_seqs, seq_len, d)
@@ -191,6 +194,12 @@ def open_store(path: str, mode: str = "r") -> zarr.Group:
     p = Path(path)
     if "://" not in path and not (p / "zarr.json").exists():
         raise StoreError(f"{path} is not a Zarr v3 store (no zarr.json); harvest one with `actstore harvest {path} …`")
+    if objstore.is_url(path):  # fail fast and in one line: credentials, endpoint, bucket, no store there
+        objstore.check(path, write=mode != "r")
+        if objstore.store_settings(path) is None:
+            raise StoreError(
+                f"{path} is not a Zarr v3 store (no zarr.json); harvest one with `actstore harvest {path} …`"
+            )
     try:
         group = zarr.open_group(path, mode=mode)
     except Exception as exc:
@@ -226,6 +235,10 @@ def finish_truncation(group: zarr.Group) -> None:
     for arr in [group["tokens"], *(group["acts"][h] for h in group["acts"].array_keys())]:
         if arr.shape[0] != n_seq:
             arr.resize((n_seq, *arr.shape[1:]))
+    if COMMITS in group:
+        n_chunks = -(-n_seq // chunk_seqs(group))
+        if group[COMMITS].shape[0] != n_chunks:
+            group[COMMITS].resize((n_chunks,))
     attrs = {k: v for k, v in group.attrs.items() if k != TRUNCATING}
     group.attrs.put({**attrs, "n_seq": n_seq, "truncated": True})
 
@@ -265,7 +278,55 @@ def clear_leftovers(path: str) -> int:
 
 
 def committed(group: zarr.Group) -> int:
+    """Sequences a reader may use: the prefix the commit record in the group's attributes vouches for."""
     return int(group.attrs.get("commit", {}).get("n_seq", 0))
+
+
+COMMITS = "commits"  # one uint8 flag per chunk of `tokens`, each its own object, set after the chunk's data
+
+
+def chunk_seqs(group: zarr.Group) -> int:
+    """Sequences per chunk (the inner chunk of a sharded store)."""
+    return int(group["tokens"].chunks[0])
+
+
+def done_chunks(group: zarr.Group) -> np.ndarray:
+    """Which chunks are durably written: flagged one by one (a writer sets a chunk's flag only after its
+    data, so ranks writing disjoint chunks never touch a shared object), or inside the commit record's
+    prefix (stores older than the flags, and single-process progress)."""
+    n_chunks = -(-int(group["tokens"].shape[0]) // chunk_seqs(group))
+    done = np.zeros(n_chunks, dtype=bool)
+    if COMMITS in group:
+        flags = group[COMMITS][:n_chunks].astype(bool)
+        done[: len(flags)] |= flags
+    prefix = committed(group) // chunk_seqs(group)
+    if committed(group) >= int(group["tokens"].shape[0]):
+        prefix = n_chunks
+    done[:prefix] = True
+    return done
+
+
+def full_chunks(group: zarr.Group, start: int, stop: int) -> slice:
+    """The chunks that sequences [start, stop) fill completely (the array's last chunk may be short)."""
+    c, n_seq = chunk_seqs(group), int(group["tokens"].shape[0])
+    last = -(-stop // c) if stop >= n_seq else stop // c
+    return slice(-(-start // c), max(last, -(-start // c)))
+
+
+def mark_done(group: zarr.Group, start: int, stop: int) -> None:
+    """Flag the chunks sequences [start, stop) fill as written (call after their data is in the store). A
+    chunk left part-filled (a corpus that ran out) is not flagged: a resume writes it again."""
+    span = full_chunks(group, start, stop)
+    if COMMITS in group and span.stop > span.start:
+        group[COMMITS][span] = np.ones(span.stop - span.start, dtype=np.uint8)
+
+
+def done_prefix(group: zarr.Group) -> int:
+    """Sequences before the first chunk not yet written: what the commit record may say once they are."""
+    done = done_chunks(group)
+    todo = np.flatnonzero(~done)
+    n_seq = int(group["tokens"].shape[0])
+    return n_seq if len(todo) == 0 else min(n_seq, int(todo[0]) * chunk_seqs(group))
 
 
 def commit(group: zarr.Group, n_seq: int, extra: dict[str, Any] | None = None) -> None:

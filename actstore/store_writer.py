@@ -1,9 +1,12 @@
 """The harvest's background writer: compresses and writes batches while the model computes the next.
 
 Why a thread: the forward pass and zarr's compression both release the GIL, so writing the previous
-batch overlaps the next forward pass. Each batch is written as whole chunks and only then counted in the
-commit record (`store.commit`), which is what makes a killed harvest resumable. For a lossy codec it
-also measures the relative error the codec introduced, which the store records.
+batch overlaps the next forward pass. Each batch is written as whole chunks, activations before tokens,
+and only then are its chunks flagged done (`store.mark_done`): one small object per chunk, so ranks of a
+distributed harvest writing disjoint chunks never rewrite a shared object, and a resume — with any
+number of processes — redoes exactly the chunks not flagged. A single writer also advances the commit
+record (the prefix readers trust) after each batch; with several, rank 0 records it once all are done.
+For a lossy codec it also measures the relative error the codec introduced, which the store records.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ from actstore.metrics import EPS
 
 
 class StoreWriter(threading.Thread):
-    """Writes batches to the store in the background and advances the commit record after each."""
+    """Writes batches to the store in the background and marks their chunks done after each."""
 
-    def __init__(self, group: Any, hooks: list[str], codec: str, lossy: dict[str, Any]):
+    def __init__(self, group: Any, hooks: list[str], codec: str, lossy: dict[str, Any], record_commit: bool = True):
         super().__init__(daemon=True)
         self.group, self.hooks, self.codec = group, hooks, codec
         self.tokens, self.acts = group["tokens"], {h: group["acts"][h] for h in hooks}
         self.inbox: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.lossy = lossy  # per hook: sums for the RMS relative error and the max per-token error
+        self.record_commit = record_commit
+        self.done = st.done_chunks(group)  # kept up to date here: the commit record is its done prefix
+        self.chunk = st.chunk_seqs(group)
 
     def run(self) -> None:
         try:
@@ -40,12 +46,19 @@ class StoreWriter(threading.Thread):
 
     def _write(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
         stop = start + len(tokens)
-        self.tokens[start:stop] = tokens
         for hook in self.hooks:
             self.acts[hook][start:stop] = acts[hook]
             if st.is_lossy(self.codec):
                 self._measure(hook, acts[hook])
-        st.commit(self.group, stop, {"lossy_error": _lossy_summary(self.lossy)} if self.lossy else None)
+        self.tokens[start:stop] = tokens
+        st.mark_done(self.group, start, stop)
+        self.done[st.full_chunks(self.group, start, stop)] = True
+        if self.record_commit:
+            todo = np.flatnonzero(~self.done)
+            prefix = min(int(self.tokens.shape[0]), (int(todo[0]) if len(todo) else len(self.done)) * self.chunk)
+            if prefix == stop - stop % self.chunk:  # a last, partial batch (the corpus ran out) right after it
+                prefix = max(prefix, stop)
+            st.commit(self.group, prefix, {"lossy_error": lossy_summary(self.lossy)} if self.lossy else None)
 
     def _measure(self, hook: str, x: np.ndarray) -> None:
         x32 = x.astype(np.float32)
@@ -68,7 +81,8 @@ class StoreWriter(threading.Thread):
             raise self.error
 
 
-def _lossy_summary(acc: dict[str, Any]) -> dict[str, Any]:
+def lossy_summary(acc: dict[str, Any]) -> dict[str, Any]:
+    """The recorded form of the per-hook sums: the RMS relative error and the largest per-token one."""
     return {
         h: {"rms_rel": float(np.sqrt(a["err_sq"] / max(a["x_sq"], EPS))), "max_rel": a["max_rel"], **a}
         for h, a in acc.items()

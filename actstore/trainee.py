@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from actstore.distributed import World, all_sum
 from actstore.metrics import EPS
 from actstore.run import SAESpec
 from actstore.sae import TopKSAE, default_lr
@@ -86,8 +87,9 @@ class Trainee:
     Public so benchmarks and tests can time or drive single steps of exactly what `train` runs.
     """
 
-    def __init__(self, spec: SAESpec, d_in: int, o: TrainOptions, b_dec: torch.Tensor):
+    def __init__(self, spec: SAESpec, d_in: int, o: TrainOptions, b_dec: torch.Tensor, world: World | None = None):
         self.spec, self.o = spec, o
+        self.world = world  # data parallel: this rank trains on its share of each batch, gradients all-reduced
         d_sae = d_in * spec.expansion
         self.sae = TopKSAE(
             d_in,
@@ -117,6 +119,10 @@ class Trainee:
     def train_step(self, batch: torch.Tensor) -> float:
         start = time.perf_counter()
         x = batch[: self.spec.tokens - self.seen]
+        n_global = len(x)
+        if self.world is not None:  # this rank's contiguous share of the batch's rows
+            r, size = self.world.rank, self.world.size
+            x = x[r * n_global // size : (r + 1) * n_global // size]
         lr = lr_at(self.seen, self.spec.tokens, self.peak_lr, self.o)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -124,28 +130,38 @@ class Trainee:
         # A budget's last slice of the shared batch can be a handful of rows, too few for a variance of
         # its own: normalise it by the running per-token variance instead.
         total_var = None
-        if len(x) < 64 and self.var_per_token is not None:
-            total_var = self.var_per_token * len(x)
+        if n_global < 64 and self.var_per_token is not None:
+            total_var = self.var_per_token * n_global
+        elif self.world is not None:  # the whole batch's variance: the ranks' losses then sum to its FVU
+            total_var = self._global_variance(x, n_global)
+            self.var_per_token = total_var / n_global
         elif len(x) >= 64:
             self.var_per_token = (x - x.mean(0)).pow(2).sum().detach() / len(x)
         out = self.sae(x, dead, total_var)
         loss = out.fvu + self.o.auxk_coef * out.auxk_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world is not None:
+            self._sum_gradients()
         self.sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.o.grad_clip)
         self.opt.step()
         self.sae.set_decoder_norm_to_unit()
 
-        fvu = float(out.fvu.detach())
+        fvu_t = out.fvu.detach()
+        if self.world is not None:
+            fvu_t = all_sum(fvu_t.clone(), self.world)
+        fvu = float(fvu_t)
         self.fvu_steps.append(fvu)
         with torch.no_grad():
             active = out.top_indices[out.top_acts > 0]
             fired = torch.bincount(active, minlength=self.sae.d_sae)
+            if self.world is not None:  # every rank keeps the same dead-latent bookkeeping
+                all_sum(fired, self.world)
             self.fire_counts += fired
-            self.since_fired += len(x)
+            self.since_fired += n_global
             self.since_fired[fired > 0] = 0
-            self.seen += len(x)
+            self.seen += n_global
             self.step += 1
             self.seconds += time.perf_counter() - start
             if self.step % self.o.log_every == 0 or self.done:
@@ -169,6 +185,23 @@ class Trainee:
                     }
                 )
         return fvu
+
+    def _global_variance(self, x: torch.Tensor, n_global: int) -> torch.Tensor:
+        """Σ‖x − mean‖² over the whole batch, from the ranks' shares (sums in float64: the mean is large)."""
+        stats = torch.cat([x.double().sum(0), x.double().pow(2).sum().reshape(1)])
+        all_sum(stats, self.world)
+        mean = stats[:-1] / n_global
+        return (stats[-1] - n_global * mean.pow(2).sum()).clamp_min(0).to(x.dtype)
+
+    def _sum_gradients(self) -> None:
+        """The whole batch's gradient: each rank's loss is its rows' share of the batch's FVU, so the
+        ranks' gradients add up to it (one flat all-reduce); then every rank takes the same Adam step."""
+        params = [p for p in self.sae.parameters() if p.grad is not None]
+        flat = all_sum(torch.cat([p.grad.reshape(-1) for p in params]), self.world)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
 
     def still_improving(self) -> float | None:
         """This SAE's `still_improving` (see the function of that name)."""

@@ -5,7 +5,8 @@ records. Each writing command takes an exclusive `flock` on a small file beside 
 `.<name>.writer.lock` in its parent directory, so replacing the store whole never moves the lock; a run:
 `RUN/.writer.lock`). The kernel drops the lock when the holder exits or is killed, so a lock left by a
 killed process is simply free again; the file records the holder's pid for the refusal message. Local
-filesystems only: a URL (object storage) is not locked.
+filesystems only: a store URL (object storage) is not locked, and a run URL never reaches here (its commands
+work in a local copy, actstore/objstore.py, which is locked like any run).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def exclusive(target: str | Path, kind: str, command: str) -> Iterator[None]:
     """Hold the writer lock of `target` (a "store" or a "run") for the block, or a one-line UsageError
     naming the process that holds it."""
     path = lock_path(target, kind)
+    if path is None and kind == "run":  # a run URL is worked on in a local copy (objstore.run_copy), never here
+        raise UsageError(f"{target}: `{command}` cannot write a run on object storage; give a local directory")
     if path is None:
         yield
         return

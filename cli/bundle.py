@@ -28,13 +28,14 @@ def create(run: str, out: str, with_saes: bool, with_recon: bool, overwrite: boo
     DuckDB), the named queries (sql/) with views.sql (`cd OUT && duckdb -init views.sql`, then
     `.read sql/summary.sql`), a README of the tables, and manifest.json (sha256 of every file, provenance)
     into OUT. An OUT ending in .tar or .zip becomes a single archive of the same files."""
+    from actstore.objstore import is_url
     from actstore.steps.bundle import create as make
     from actstore.steps.bundle import listing
 
     path = make(run, out, with_saes=with_saes, with_recon=with_recon, overwrite=overwrite)
     sizes = listing(str(path))
     total = path.stat().st_size if path.is_file() else sum(sizes.values())
-    click.echo(str(path))
+    click.echo(out if is_url(out) else str(path))  # a URL: uploaded from the local archive `path`
     click.echo(f"{len(sizes)} files, {total / 1e6:.1f} MB", err=True)
 
 

@@ -124,11 +124,14 @@ def info(store: str, as_json: bool) -> None:
 def train(store: str, run: str, quiet: bool, **kw: Any) -> None:
     """Train every combination of --hooks × --k × --expansion × --tokens × --seeds on STORE (resumable:
     re-run the same command after an interruption)."""
+    from actstore.distributed import world
     from actstore.steps.train import summary
     from actstore.steps.train import train as run_train
 
     specs = take(Sweep, kw).specs()
     run_train(store, run, specs, take(TrainOptions, kw), progress=not quiet)
+    if not world().leader:  # under torchrun rank 0 speaks for all
+        return
     wanted = {s.sae_id for s in specs}
     for row in summary(run):
         if row["sae_id"] in wanted:
@@ -153,10 +156,13 @@ def eval_(eval_store: str, run: str, sae_paths: tuple[str, ...], quiet: bool, **
     codes. With --patch-pos P only P is patched (kept beside the every-position records); --eps-draws N adds
     study 001's z-score of the SAE's KL among N ε-random draws at P."""
     from actstore.analytics import format_table, headline, query
+    from actstore.distributed import world
     from actstore.steps.evaluate import evaluate
 
     options = take(EvalOptions, kw)
     evaluate(eval_store, run, list(sae_paths) or None, options, progress=not quiet)
+    if not world().leader:  # under torchrun rank 0 speaks for all
+        return
     click.echo(format_table(headline(run)))
     if options.eps_draws is not None:
         click.echo(format_table(query(run, "eps_zscores").drop("sae_id")))
@@ -172,9 +178,12 @@ def darkmatter(run: str, quiet: bool, **kw: Any) -> None:
     patch x̂ + linear error and x̂ + nonlinear error on the odd sequences. Writes the `darkmatter` and
     `darkmatter_tokens` tables and RUN/darkmatter/<sae_id>/probe.safetensors."""
     from actstore.analytics import format_table, query
+    from actstore.distributed import world
     from actstore.steps.darkmatter import darkmatter as fit
 
     fit(run, take(DarkmatterOptions, kw), progress=not quiet)
+    if not world().leader:  # under torchrun rank 0 speaks for all
+        return
     click.echo(format_table(query(run, "darkmatter").drop("sae_id")))
 
 

@@ -188,8 +188,11 @@ def _corpus_dir(tmp_path: Path) -> Path:
 
 
 def _uncommit(out: str, n_seq: int = 4) -> None:
-    """Set the commit record back, as a harvest killed after its first batch leaves it."""
-    st.commit(zarr.open_group(out, mode="r+"), n_seq)
+    """Set the commit record and the chunks' done flags back, as a harvest killed after its first batch leaves them."""
+    group = zarr.open_group(out, mode="r+")
+    st.commit(group, n_seq)
+    flags = group[st.COMMITS]
+    flags[n_seq // st.chunk_seqs(group) :] = np.zeros(flags.shape[0] - n_seq // st.chunk_seqs(group), dtype=np.uint8)
 
 
 def _same_bytes(a: str, b: str) -> bool:

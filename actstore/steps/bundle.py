@@ -36,7 +36,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import IO, Any
 
-from actstore import __version__, atomic, bundle_readme, diskspace
+from actstore import __version__, atomic, bundle_readme, diskspace, objstore
 from actstore import run as rundir
 from actstore.errors import StoreError, UsageError
 from actstore.tables import SCHEMA_VERSION
@@ -57,7 +57,23 @@ _verified: dict[Path, tuple] = {}  # a bundle directory -> the stat signature it
 
 def create(run: str, out: str, *, with_saes: bool = False, with_recon: bool = False, overwrite: bool = False) -> Path:
     """Pack RUN's records (and optionally its SAE weights and reconstructions) into OUT: a directory, a .tar or
-    a .zip. Built aside and renamed into place, so a failed create leaves any old OUT as it was."""
+    a .zip. Built aside and renamed into place, so a failed create leaves any old OUT as it was.
+
+    RUN may be a run URL (its verified local copy is packed); an OUT URL must name a .tar or .zip, built in
+    the cache and uploaded as one object (a single PUT: the old object, if any, stays until it completes);
+    the local archive is returned."""
+    if objstore.is_url(run):
+        run = str(objstore.run_view(run))
+    if objstore.is_url(out):
+        if Path(out).suffix not in ARCHIVES:
+            raise UsageError(f"{out}: a bundle on object storage is one object; give OUT ending in .tar or .zip")
+        objstore.check(out, write=True)
+        if not overwrite and objstore.exists(out):
+            raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+        local = objstore.cache_root() / "outgoing" / objstore.url_key(out) / Path(out).name
+        made = create(run, str(local), with_saes=with_saes, with_recon=with_recon, overwrite=True)
+        objstore.upload(made, out, overwrite=True)
+        return made
     with diskspace.guard(out, lambda: _bundle_bytes(Path(run), Path(out), with_saes)):
         return _create(run, out, with_saes=with_saes, with_recon=with_recon, overwrite=overwrite)
 
@@ -98,7 +114,11 @@ def _create(run: str, out: str, *, with_saes: bool, with_recon: bool, overwrite:
 def verify(out: str) -> list[str]:
     """What differs between the bundle at OUT (directory, .tar or .zip) and its manifest; empty when intact.
 
-    A member `open_bundle` would refuse (a link, a name outside the bundle, …) is reported first, alone."""
+    A member `open_bundle` would refuse (a link, a name outside the bundle, …) is reported first, alone.
+    A URL is downloaded into the cache first and checked there."""
+    if objstore.is_url(out):
+        local = str(objstore.download(out))
+        return [p.replace(local, out) for p in verify(local)]
     path = Path(out)
     try:
         if path.is_dir():
@@ -163,6 +183,8 @@ def open_bundle(path: str) -> Path:
 
     A bundle (directory, or the cache of an archive) is verified against its manifest on every open, so what is
     queried is what its sender packed; a directory without manifest.json or views.sql is a run, taken as is."""
+    if objstore.is_url(path):
+        path = str(objstore.fetch(path))
     src = Path(path)
     if src.is_dir():
         if os.path.lexists(src / MANIFEST) or os.path.lexists(src / VIEWS):
@@ -419,6 +441,8 @@ def _copy(src: Path, members: list[tuple[str, int, Any]], opener: Callable[[Any]
 
 def listing(out: str) -> dict[str, int]:
     """Name and size of every file of a bundle (directory, .tar or .zip), the manifest included."""
+    if objstore.is_url(out):
+        out = str(objstore.download(out))
     return {name: size for name, size, _ in _members(out)}
 
 
@@ -503,6 +527,10 @@ def _copy_recon(run: Path, stores: list[str], sae_ids: list[str], dest: Path) ->
     if len(stores) != 1:
         raise UsageError(f"--with-recon packs one eval store, and the records name {len(stores)}; drop --with-recon")
     src = _resolve_store(run, stores[0])
+    if src is None and objstore.is_url(stores[0]):  # a store on object storage: the parts packed, fetched first
+        src = objstore.download_tree(
+            stores[0], ["zarr.json", "tokens", "recon/zarr.json", *(f"recon/{i}" for i in sae_ids)]
+        )
     if src is None:
         raise StoreError(f"eval store {stores[0]} not found; run from the directory eval ran in, or drop --with-recon")
     found = [i for i in sorted(sae_ids) if (src / "recon" / i).is_dir()]

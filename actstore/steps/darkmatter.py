@@ -16,7 +16,9 @@ It reads eval's records and reconstructions and writes its own tables (`darkmatt
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ import polars as pl
 import torch
 from safetensors.torch import save_file
 
-from actstore import atomic, diskspace, integrity
+from actstore import atomic, diskspace, distributed, integrity, objstore
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import UsageError
@@ -239,9 +241,21 @@ def darkmatter(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
-    with exclusive(run, "run", "actstore darkmatter"), diskspace.guard(run):
-        rundir.recover(run)
-        return _darkmatter(run, options, progress=progress, loaded=loaded, only=only)
+    if objstore.is_url(run):  # a run on object storage: worked on in a local copy, committed through its log
+        with objstore.run_copy(run, "actstore darkmatter") as local:
+            return darkmatter(str(local), options, progress=progress, loaded=loaded, only=only)
+    w = distributed.init(options.device)
+    if options.write_errors and not w.single:
+        raise UsageError(
+            "--write-errors adds arrays to the eval store and must run in one process; drop torchrun for it"
+        )
+    with ExitStack() as held:
+        distributed.agreed(lambda: held.enter_context(exclusive(run, "run", "actstore darkmatter")), w, True)
+        with diskspace.guard(run):
+            distributed.agreed(lambda: rundir.recover(run), w, leader_only=True)
+            rows = _darkmatter(run, options, progress=progress, loaded=loaded, only=only, world=w)
+    distributed.finish(w)
+    return rows
 
 
 def _darkmatter(
@@ -251,8 +265,15 @@ def _darkmatter(
     progress: bool = False,
     loaded: LoadedModel | None = None,
     only: set[str] | None = None,
+    world: distributed.World | None = None,
 ) -> pl.DataFrame:
-    """The work of `darkmatter`, under its writer lock."""
+    """The work of `darkmatter`, under its writer lock. Under torchrun the SAEs are divided among the ranks,
+    each analysed exactly as in one process; every rank returns all the rows."""
+    world = world or distributed.World()
+    progress = progress and world.leader
+    distributed.same_everywhere(
+        {"run": str(run), "only": sorted(only or []), **asdict(options)}, world, "actstore darkmatter"
+    )
     saes, evals = rundir.read_table(run, "saes"), rundir.read_table(run, "evals")
     if saes.is_empty() or evals.is_empty():
         raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")
@@ -263,7 +284,11 @@ def _darkmatter(
     below = {r["sae_id"]: previous_sae(every, r) for r in evaluated.iter_rows(named=True)} if options.prev_layer else {}
     models: dict[str, LoadedModel] = {}
     rows = []
-    for sae in evaluated.iter_rows(named=True):
+    everyone = list(evaluated.iter_rows(named=True))
+    distributed.agreed(lambda: distributed.check_world_fits(len(everyone), world, "evaluated SAEs to analyse"), world)
+    device = distributed.rank_device(options.device, world)
+    options = replace(options, device=device)
+    for sae in world.mine(everyone):
         sae_id, hook = sae["sae_id"], sae["hook"]
         group = st.open_store(sae["store"], mode="r+" if options.write_errors else "r")
         n_seq = min(int(sae["n_seq"]), options.max_seqs or int(sae["n_seq"]))
@@ -279,7 +304,8 @@ def _darkmatter(
         fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
         x, xh = x.reshape(-1, d), xh.reshape(-1, d)
         row, w = analyse(x, xh, fit, options.probe)
-        eval_sae = load_eval_sae(sae["path"], sae_id)
+        here = rundir.sae_dir(run, sae_id)  # the run's own copy (a run on object storage records its cache's path)
+        eval_sae = load_eval_sae(sae["path"] if Path(sae["path"]).is_dir() or not here.is_dir() else here, sae_id)
         if options.pursuit:
             row |= pursuit_row(eval_sae, x, fit, options.probe)
         if options.prev_layer:
@@ -319,6 +345,8 @@ def _darkmatter(
         rows.append({"sae_id": sae_id, **rundir.conform("darkmatter", frame).row(0, named=True)})
         if progress:
             print(f"darkmatter {sae_id}: vector R² {row['vector_r2']:.3f}", file=sys.stderr)
+    if not world.single:
+        rows = sorted((r for part in distributed.gather(rows, world) for r in part), key=lambda r: r["sae_id"])
     return pl.DataFrame(rows)
 
 

@@ -10,6 +10,8 @@ against the clean distribution. Reconstructions go into the eval store as `recon
 from __future__ import annotations
 
 import json
+import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore import __version__, diskspace
+from actstore import __version__, diskspace, distributed
 from actstore import run as rundir
 from actstore import store as st
 from actstore.draws import check_draws, draw_batch
@@ -86,10 +88,26 @@ def evaluate(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
+    from actstore import objstore
+
+    if objstore.is_url(run):  # a run on object storage: worked on in a local copy, committed through its log
+        if not distributed.world().single:  # the ranks' shares of a partition meet only in one directory
+            raise UsageError(
+                f"eval under torchrun needs RUN on a filesystem every rank shares, not {run}; "
+                "evaluate into a shared directory (then `actstore bundle create` to S3), or run eval in one process"
+            )
+        with objstore.run_copy(run, "actstore eval") as local:
+            return evaluate(eval_store, str(local), sae_paths, options, progress=progress, loaded=loaded)
     needed = lambda: eval_bytes(eval_store, run, sae_paths, options)  # noqa: E731
-    with exclusive_all("actstore eval", (run, "run"), (eval_store, "store")), diskspace.guard(run, needed):
-        rundir.recover(run)
-        return _evaluate(eval_store, run, sae_paths, options, progress=progress, loaded=loaded)
+    w = distributed.init(options.device)
+    with ExitStack() as held:
+        locks = exclusive_all("actstore eval", (run, "run"), (eval_store, "store"))
+        distributed.agreed(lambda: held.enter_context(locks), w, leader_only=True)
+        with diskspace.guard(run, needed):
+            distributed.agreed(lambda: rundir.recover(run), w, leader_only=True)
+            done = _evaluate(eval_store, run, sae_paths, options, progress=progress, loaded=loaded, w=w)
+    distributed.finish(w)
+    return done
 
 
 def eval_bytes(eval_store: str, run: str, sae_paths: list[str] | None, o: EvalOptions) -> int:
@@ -113,10 +131,20 @@ def _evaluate(
     *,
     progress: bool = False,
     loaded: LoadedModel | None = None,
+    w: distributed.World | None = None,
 ) -> list[str]:
-    """The work of `evaluate`, under its writer lock."""
+    """The work of `evaluate`, under its writer lock. Under torchrun each rank evaluates whole units of
+    sequences (chunk-aligned batches, so the batches, and the baselines' draws, are one process's) and
+    writes its share of the per-token tables; rank 0 writes what is about all of them."""
+    w = w or distributed.World()
+    distributed.same_everywhere(
+        {"store": str(eval_store), "run": str(run), "saes": list(sae_paths or []), **asdict(options)},
+        w,
+        "actstore eval",
+    )
     group = st.open_store(eval_store, mode="r+")
-    st.clear_leftovers(eval_store)  # a killed eval's half-written reconstruction chunks (we hold the lock)
+    if w.leader:
+        st.clear_leftovers(eval_store)  # a killed eval's half-written reconstruction chunks (we hold the lock)
     n_store = int(group["tokens"].shape[0])
     if st.committed(group) < n_store:
         raise StoreError(
@@ -143,31 +171,91 @@ def _evaluate(
     n_seq = min(n_store, options.max_seqs or n_store)
     if options.eps_draws is not None:
         check_draws(options.eps_draws, n_seq)
-    model = loaded or load_model(model_name, options.device, options.compute_dtype)
-    stats = {h: moments(group, h, n_seq) for h in hooks}  # μ for sst, and the layers table's covariance
+    unit = options.batch_size if w.single else math.lcm(options.batch_size, _write_unit(group))
+    n_units = -(-n_seq // unit)
+    distributed.agreed(
+        lambda: distributed.check_world_fits(n_units, w, f"work units (chunk-aligned batches of {unit} sequences)"),
+        w,
+    )
+    seqs = [q for u in w.mine(range(n_units)) for q in range(u * unit, min((u + 1) * unit, n_seq))]
+    model = loaded or load_model(model_name, distributed.rank_device(options.device, w), options.compute_dtype)
+    device = model.device
+    # μ for sst, and the layers table's covariance: one pass over the store, on rank 0, shared
+    stats = distributed.broadcast({h: moments(group, h, n_seq) for h in hooks} if w.leader else None, w)
     known = rundir.read_table(run, "saes")
     known_ids = set(known["sae_id"]) if known.height else set()
     done = []
     part = "0" if options.patch_pos is None else f"pos{options.patch_pos}"
+    share = None if w.single else (w.rank, w.size)
     for hook in dict.fromkeys(s.hook for s in saes):
-        hook_saes = [s.to(options.device) for s in saes if s.hook == hook]
-        mu = torch.from_numpy(stats[hook].mean).float().to(options.device)
-        frames = _evaluate_hook(group, eval_store, model, hook, hook_saes, n_seq, options, progress, mu)
-        for s in hook_saes:
-            mine = frames[s.sae_id]
-            if s.sae_id not in known_ids:  # an external SAE: train wrote no row for it
-                rundir.write_tables(run, s.sae_id, {"saes": _saes_row(s, group)})
-            if part != "0" and rundir.part_path(run, "codes", s.sae_id).is_file():
-                del mine["codes"], mine["latents"]  # the SAE's codes do not depend on where eval patched
-            rundir.write_tables(run, s.sae_id, {t: f for t, f in mine.items() if t not in ("codes", "latents")}, part)
-            if "codes" in mine:
-                rundir.write_tables(run, s.sae_id, {"codes": mine["codes"], "latents": mine["latents"]})
-            done.append(s.sae_id)
-        positions = position_rows(str(eval_store), hook, stats[hook], n_seq)
-        rundir.write_tables(run, rundir.hash_key(f"{eval_store}\n{hook}"), {"positions": positions})
-    write_layers(eval_store, run, max_seqs=n_seq, known=stats)  # the geometry of every hook of the eval store
-    _write_vocab(run, model, model_name, st.read_tokens(group, slice(0, n_seq)))
+        hook_saes = [s.to(device) for s in saes if s.hook == hook]
+        mu = torch.from_numpy(stats[hook].mean).float().to(device)
+        frames = _evaluate_hook(group, eval_store, model, hook, hook_saes, seqs, n_seq, options, progress, mu, w)
+        # decided before anyone writes: the SAE's codes do not depend on where eval patched
+        skip_codes = {s.sae_id: part != "0" and rundir.has_part(run, "codes", s.sae_id) for s in hook_saes}
+        skip_codes = distributed.broadcast(skip_codes, w)
+        for turn in range(w.size):  # ranks write their shares in turn, rank 0 first (run.write_tables)
+            if turn == w.rank:
+                for s in hook_saes:
+                    _write_sae(
+                        run,
+                        s,
+                        group,
+                        frames[s.sae_id],
+                        part,
+                        share,
+                        skip_codes[s.sae_id],
+                        w.leader and s.sae_id not in known_ids,
+                    )
+            distributed.barrier(w)
+        done += [s.sae_id for s in hook_saes]
+        if w.leader:
+            positions = position_rows(str(eval_store), hook, stats[hook], n_seq)
+            rundir.write_tables(run, rundir.hash_key(f"{eval_store}\n{hook}"), {"positions": positions})
+    if w.leader:
+        write_layers(eval_store, run, max_seqs=n_seq, known=stats)  # the geometry of every hook of the eval store
+        _write_vocab(run, model, model_name, st.read_tokens(group, slice(0, n_seq)))
+    distributed.barrier(w)
     return done
+
+
+_ABOUT_ALL = ("latents", "evals")  # tables about the whole evaluation: rank 0 writes them whole
+
+
+def _write_sae(
+    run: str,
+    s: EvalSAE,
+    group: Any,
+    mine: dict[str, pl.DataFrame],
+    part: str,
+    share: tuple[int, int] | None,
+    skip_codes: bool,
+    external: bool,
+) -> None:
+    """One SAE's records: its share of the per-token tables (all of them in one process), and on rank 0
+    (`share` None or rank 0) the tables about the whole evaluation."""
+    if external:  # an external SAE: train wrote no row for it
+        rundir.write_tables(run, s.sae_id, {"saes": _saes_row(s, group)})
+    if share is None:  # one process: the tables of a part together, then the codes with their latents
+        rundir.write_tables(run, s.sae_id, {t: f for t, f in mine.items() if t not in ("codes", "latents")}, part)
+        if not skip_codes:
+            rundir.write_tables(run, s.sae_id, {"codes": mine["codes"], "latents": mine["latents"]})
+        return
+    leader = share[0] == 0
+    per_token = {t: f for t, f in mine.items() if t not in ("codes", *_ABOUT_ALL)}
+    rundir.write_tables(run, s.sae_id, per_token, part, share)
+    if leader:
+        rundir.write_tables(run, s.sae_id, {"evals": mine["evals"]}, part)
+    if not skip_codes:
+        rundir.write_tables(run, s.sae_id, {"codes": mine["codes"]}, "0", share)
+        if leader:
+            rundir.write_tables(run, s.sae_id, {"latents": mine["latents"]})
+
+
+def _write_unit(group: Any) -> int:
+    """Sequences of the store's smallest independently written object: a shard, else a chunk."""
+    arr = group["tokens"]
+    return int((arr.shards or arr.chunks)[0])
 
 
 def load_saes(run: str, sae_paths: list[str] | None, model: str | None = None) -> list[EvalSAE]:
@@ -266,19 +354,29 @@ def _evaluate_hook(
     model: LoadedModel,
     hook: str,
     saes: list[EvalSAE],
+    seqs: list[int],
     n_seq: int,
     o: EvalOptions,
     progress: bool,
     mu: torch.Tensor,
+    w: distributed.World,
 ) -> dict[str, dict[str, pl.DataFrame]]:
+    """This rank's sequences `seqs` (all n_seq in one process) through every SAE of `hook`."""
     seq_len = int(group["tokens"].shape[1])
+    device = model.device
     patcher = Patcher(model, hook)
     if o.sensitivity:
         check_differentiable(patcher)
-    recon = {s.sae_id: recon_array(group, hook, s.sae_id) for s in saes}
+    if w.leader:  # created once, whole; every rank then writes its own chunks of it
+        for s in saes:
+            recon_array(group, hook, s.sae_id)
+    distributed.barrier(w)
+    recon = {s.sae_id: group[f"recon/{s.sae_id}/{hook}"] for s in saes}
     collected = {s.sae_id: _Collected() for s in saes}
-    bar = token_bar(progress, n_seq * seq_len, f"eval {hook} ({plural_saes(len(saes))})")
-    for b, batch in enumerate(batches(group, model, patcher, range(n_seq), o.batch_size, o.device)):
+    who = "" if w.single else f", rank 0 of {w.size}"
+    bar = token_bar(progress and w.leader, len(seqs) * seq_len, f"eval {hook} ({plural_saes(len(saes))}{who})")
+    for batch in batches(group, model, patcher, seqs, o.batch_size, device):
+        b = int(batch.seqs[0]) // o.batch_size  # the batch's index in one process's order: seeds follow it
         x, x_live, clean = batch.x, batch.x_live, batch.clean
         d = x.shape[2]
         base = {**batch.token_key(), "ce_orig": clean.ce.cpu().numpy()}
@@ -298,7 +396,7 @@ def _evaluate_hook(
             patches = {"patched": xh.cpu(), **baselines(xf.cpu(), xh.cpu(), gen)}
             placed = {}
             for name, candidate in patches.items():
-                placed[name] = place(x_live, candidate.to(o.device).reshape(x.shape), o.patch_pos)
+                placed[name] = place(x_live, candidate.to(device).reshape(x.shape), o.patch_pos)
                 row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, placed[name]))
             if sens is not None:
                 row |= sens.columns(placed)
@@ -311,13 +409,20 @@ def _evaluate_hook(
             bar.update(x.shape[0] * seq_len)
     if bar is not None:
         bar.close()
-    return {s.sae_id: _frames(s, store_path, collected[s.sae_id], n_seq, o) for s in saes}
+    return {s.sae_id: _frames(s, store_path, collected[s.sae_id], n_seq, o, w) for s in saes}
 
 
-def _frames(s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptions) -> dict[str, pl.DataFrame]:
+def _frames(
+    s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptions, w: distributed.World
+) -> dict[str, pl.DataFrame]:
     codes = pl.DataFrame({k: np.concatenate([part[k] for part in c.codes]) for k in ("seq", "pos", "latent", "value")})
     dec_norm = s.W_dec.float().norm(dim=-1).cpu().numpy()
-    rate, latents = rate_and_latents(codes, np.concatenate(c.code_rows), c.n_tokens, s.d_sae, dec_norm)
+    everywhere = None
+    if not w.single:  # the rate's p_i and the latents table are about every rank's tokens
+        counts = torch.from_numpy(np.bincount(codes["latent"].to_numpy(), minlength=s.d_sae).astype(np.int64))
+        counts = distributed.all_sum(torch.cat([counts, torch.tensor([c.n_tokens])]), w).numpy()
+        everywhere = (counts[:-1], int(counts[-1]))
+    rate, latents = rate_and_latents(codes, np.concatenate(c.code_rows), c.n_tokens, s.d_sae, dec_norm, everywhere)
     tokens = pl.DataFrame({k: np.concatenate(v) for k, v in c.cols.items()}).with_columns(
         pl.Series("rate_bits", rate),
         pl.lit(str(store_path)).alias("store"),
@@ -329,7 +434,7 @@ def _frames(s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptio
             {
                 "store": str(store_path),
                 "n_seq": n_seq,
-                "n_tokens": c.n_tokens,
+                "n_tokens": c.n_tokens if everywhere is None else everywhere[1],
                 "seed": o.seed,
                 "patch_pos": o.patch_pos,
                 "options": json.dumps(asdict(o), sort_keys=True),

@@ -12,8 +12,10 @@ one). When the corpus runs out early the arrays are cut to what was written thro
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,14 @@ import numpy as np
 import torch
 import zarr
 
-from actstore import __version__, atomic, diskspace
+from actstore import __version__, atomic, diskspace, distributed, objstore
 from actstore import store as st
 from actstore.corpus import SPLITS, CorpusOptions, corpus_change, corpus_fingerprint, token_sequences
 from actstore.errors import StoreError, UsageError
 from actstore.model import COMPUTE_DTYPES, LoadedModel, capture, check_hooks, check_runtime, load_model, stop_layer
 from actstore.options import build, csv, option, positive
 from actstore.progress import token_bar
-from actstore.store_writer import StoreWriter
+from actstore.store_writer import StoreWriter, lossy_summary
 from actstore.units import parse_count
 from actstore.writer_lock import exclusive
 
@@ -136,11 +138,11 @@ def _existing_settings(out: str, overwrite: bool) -> dict[str, Any] | None:
     Foreign content is refused; with `overwrite`, a Zarr group without our settings (left by a crash
     of an older version, say) counts as replaceable.
     """
-    if "://" in out:
-        try:
-            return dict(zarr.open_group(out, mode="r").attrs.get("settings", {})) or None
-        except Exception:
-            return None
+    if objstore.is_url(out):  # read zarr.json itself: a failure to read is an error, never "nothing there"
+        attrs = objstore.store_settings(out)
+        if attrs is None or "settings" in attrs or overwrite:
+            return None if attrs is None else dict(attrs.get("settings") or {"foreign": True})
+        raise UsageError(f"{out} is a Zarr group but not an actstore store; use another URL")
     p = Path(out)
     if not p.exists() or not any(p.iterdir()):
         return None
@@ -193,10 +195,19 @@ def harvest(
     name, device and compute dtype (notebooks, benchmarks). With `overwrite`, a store of other settings
     is replaced only once the new one is complete: the new one grows beside it and is swapped in.
 
-    Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
+    Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: rank 0 prepares the
+    store, each rank writes its share of whole work units, rank 0 records the commit and finishes.
+    Holds the writer lock of what it writes (actstore/writer_lock.py, on rank 0): a second writer is refused.
     """
-    with exclusive(out, "store", "actstore harvest"), diskspace.guard(out, lambda: remaining_bytes(out)):
-        return _harvest(out, options, overwrite=overwrite, progress=progress, loaded=loaded, **kwargs)
+    o = options or build(HarvestOptions, kwargs)
+    objstore.check_store_target(out, overwrite)  # a URL: fail fast (credentials, endpoint, bucket)
+    w = distributed.init(o.device)
+    with ExitStack() as held:
+        distributed.agreed(lambda: held.enter_context(exclusive(out, "store", "actstore harvest")), w, True)
+        with diskspace.guard(out, lambda: remaining_bytes(out)):
+            result = _harvest(out, o, w, overwrite=overwrite, progress=progress, loaded=loaded)
+    distributed.finish(w)
+    return result
 
 
 def remaining_bytes(out: str) -> int | None:
@@ -215,20 +226,12 @@ def remaining_bytes(out: str) -> int | None:
     return None
 
 
-def _harvest(
-    out: str,
-    options: HarvestOptions | None = None,
-    *,
-    overwrite: bool = False,
-    progress: bool = False,
-    loaded: LoadedModel | None = None,
-    **kwargs: Any,
-) -> str:
-    """The work of `harvest`, under its writer lock."""
-    o = options or build(HarvestOptions, kwargs)
-    out = _local_path(out)
-    _check_writable(out)
+def _prepare(out: str, o: HarvestOptions, overwrite: bool, progress: bool) -> tuple[str, str]:
+    """Where this harvest writes and what is there: ("new" | "resume" | "complete", target path).
+
+    The store first, the model after: a complete store needs no model, a changed corpus fails fast."""
     settings = o.settings()
+    _check_writable(out)
     existing = _existing_settings(out, overwrite)
     target = out
     if existing is not None and existing != settings:
@@ -239,27 +242,60 @@ def _harvest(
                 "use --overwrite to replace it or choose another path"
             )
         target = str(atomic.staged(Path(out.rstrip("/"))))  # the old store stays until the new one is done
-
-    # The store first, the model after: a complete store needs no model, a changed corpus fails fast.
     group = None
     if _existing_settings(target, overwrite=True) == settings:
         group = zarr.open_group(target, mode="r+")
         st.clear_leftovers(target)  # a killed writer's half-written chunk files (we hold the lock)
         if "tokens" not in group:  # killed while its arrays were being created: nothing was written
             group = None
-    if group is not None:
-        st.finish_truncation(group)  # a harvest killed while cutting the arrays to the corpus's length
-        if st.committed(group) >= group["tokens"].shape[0]:
-            _say(progress, f"{target}: already complete ({st.committed(group)} sequences)")
-            return _finish(out, target)
-        if st.committed(group) and not _same_corpus(out, group, o.corpus, overwrite):
-            target, group = str(atomic.staged(Path(out.rstrip("/")))), None  # --overwrite: harvest afresh beside it
-    fingerprint = corpus_fingerprint(o.corpus)
-    if group is not None and not st.committed(group):  # nothing read from the corpus yet: record it as it is now
-        group.attrs["corpus"] = {**o.corpus_options().to_dict(), "fingerprint": fingerprint}
+    if group is None:
+        return "new", target
+    st.finish_truncation(group)  # a harvest killed while cutting the arrays to the corpus's length
+    if st.committed(group) >= group["tokens"].shape[0]:
+        _say(progress, f"{target}: already complete ({st.committed(group)} sequences)")
+        return "complete", target
+    started = bool(st.done_chunks(group).any())
+    if started and not _same_corpus(out, group, o.corpus, overwrite):
+        return "new", str(atomic.staged(Path(out.rstrip("/"))))  # --overwrite: harvest afresh beside it
+    if not started:  # nothing read from the corpus yet: record it as it is now
+        group.attrs["corpus"] = {**o.corpus_options().to_dict(), "fingerprint": corpus_fingerprint(o.corpus)}
+    return "resume", target
 
-    model = loaded or load_model(o.model, o.device, o.compute_dtype)
-    if (model.name, model.device, model.compute_dtype) != (o.model, o.device, o.compute_dtype):
+
+def _harvest(
+    out: str,
+    o: HarvestOptions,
+    w: distributed.World,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
+) -> str:
+    """The work of `harvest`, under its writer lock."""
+    out = _local_path(out)
+    distributed.same_everywhere({"out": out, "overwrite": overwrite, **o.settings()}, w, "actstore harvest")
+    # Work units: whole batches (one process), or whole batches that are also whole shards (several ranks,
+    # so no two ranks ever rewrite one object). The batches are those of one process, so are the bits.
+    unit = o.batch_size if w.single else math.lcm(o.batch_size, o.shard_seqs or o.batch_size)
+    n_units = -(-o.n_seq // unit)
+    distributed.agreed(
+        lambda: distributed.check_world_fits(
+            n_units, w, f"work units in the store (chunk-aligned batches of {unit} sequences)"
+        ),
+        w,
+    )
+    state, target = distributed.broadcast(
+        distributed.agreed(lambda: _prepare(out, o, overwrite, progress), w, leader_only=True), w
+    )
+    if state == "complete":
+        if w.leader:
+            _finish(out, target)
+        distributed.barrier(w)
+        return out
+
+    device = distributed.rank_device(o.device, w)
+    model = loaded or load_model(o.model, device, o.compute_dtype)
+    if (model.name, model.device, model.compute_dtype) != (o.model, device, o.compute_dtype):
         raise UsageError("the loaded model does not match the options' model, device or compute dtype")
     hooks = list(o.hooks)
     check_hooks(model, hooks)
@@ -267,11 +303,109 @@ def _harvest(
         raise UsageError(
             f"--seq-len {o.seq_len} is longer than {o.model}'s context of {model.n_ctx}; use at most {model.n_ctx}"
         )
-    start = st.committed(group) if group is not None else 0
-    start -= start % o.batch_size  # restart at a batch boundary: the same batches give the same bits
+    if state == "new":
+        distributed.agreed(lambda: _create_from_corpus(target, o, model, hooks), w, leader_only=True)
+    distributed.barrier(w)
+    group = zarr.open_group(target, mode="r+")
 
-    batches = token_sequences(o.corpus_options(), model.tokenizer, start_seq=start, batch_seqs=o.batch_size)
-    first = next(batches, None)
+    chunk = st.chunk_seqs(group)
+    done = st.done_chunks(group)
+    todo = [u for u in range(n_units) if not done[u * unit // chunk : -(-min((u + 1) * unit, o.n_seq) // chunk)].all()]
+    mine = set(w.mine(todo))
+    lossy = {}
+    if w.single and done.any():  # sums are only valid up to the batch boundary we restart from
+        lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()}
+        for acc in lossy.values():
+            acc.pop("rms_rel", None)
+    ended_at = _write_units(group, o, model, hooks, sorted(mine), unit, lossy, w, progress)
+
+    ends = distributed.gather(ended_at, w)
+    sums = distributed.gather(lossy, w)
+    if w.leader:
+        end = min((e for e in ends if e is not None), default=None)
+        _record_commit(group, end, sums)  # also a single writer's, if killed between its flags and its record
+        if end is not None and end < o.n_seq:
+            st.truncate(group, end)
+            print(
+                f"warning: the corpus ran out after {end} sequences ({end * o.seq_len} tokens); the store holds those",
+                file=sys.stderr,
+            )
+        _finish(out, target)
+    distributed.barrier(w)
+    return out
+
+
+def _write_units(
+    group: Any,
+    o: HarvestOptions,
+    model: LoadedModel,
+    hooks: list[str],
+    units: list[int],
+    unit: int,
+    lossy: dict[str, Any],
+    w: distributed.World,
+    progress: bool,
+) -> int | None:
+    """Run the model over this rank's units and write them; where the corpus ended, if before the store's end.
+
+    Every rank reads the same token stream (tokenizing is cheap beside the forward) and keeps its own batches."""
+    writer = StoreWriter(group, hooks, o.codec, lossy, record_commit=w.single)
+    writer.start()
+    total = (o.n_seq * o.seq_len) if w.single else len(units) * unit * o.seq_len
+    initial = (o.n_seq - len(units) * unit) * o.seq_len if w.single else 0
+    bar = token_bar(
+        progress and w.leader,
+        total,
+        "harvest" if w.single else f"harvest (rank 0 of {w.size})",
+        initial=max(0, initial),
+    )
+    wanted = set(units)
+    start = units[0] * unit if units else o.n_seq
+    stop = min(o.n_seq, (units[-1] + 1) * unit) if units else o.n_seq
+    seq, ended_at = start, None
+    try:
+        batches = token_sequences(o.corpus_options(), model.tokenizer, start_seq=start, batch_seqs=o.batch_size)
+        while seq < stop:
+            batch = next(batches, None)
+            if batch is None:
+                ended_at = seq
+                break
+            batch = batch[: o.n_seq - seq]
+            if seq // unit in wanted:
+                _check_vocab(batch, model)
+                tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
+                acts = capture(model, tokens, hooks)
+                writer.put((seq, batch, {h: _stored_finite(h, a, o.dtype, seq) for h, a in acts.items()}))
+                if bar is not None:
+                    bar.update(batch.size)
+            seq += len(batch)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    return ended_at
+
+
+def _record_commit(group: Any, end: int | None, sums: list[dict[str, Any]]) -> None:
+    """Rank 0, once every rank is done: the commit record readers trust (the prefix of chunks flagged done,
+    through a short last chunk where the corpus ended) and the lossy codec's error, summed over ranks."""
+    prefix = st.done_prefix(group)
+    chunk = st.chunk_seqs(group)
+    if end is not None and prefix >= end - end % chunk:
+        prefix = max(prefix, end)
+    merged: dict[str, Any] = {}
+    for part in sums:
+        for hook, acc in part.items():
+            m = merged.setdefault(hook, {"err_sq": 0.0, "x_sq": 0.0, "max_rel": 0.0})
+            m["err_sq"] += acc["err_sq"]
+            m["x_sq"] += acc["x_sq"]
+            m["max_rel"] = max(m["max_rel"], acc["max_rel"])
+    st.commit(group, prefix, {"lossy_error": lossy_summary(merged)} if merged else None)
+
+
+def _create_from_corpus(target: str, o: HarvestOptions, model: LoadedModel, hooks: list[str]) -> None:
+    """Allocate a new store, after checking the corpus gives at least one sequence of the model's vocabulary."""
+    first = next(token_sequences(o.corpus_options(), model.tokenizer, start_seq=0, batch_seqs=o.batch_size), None)
     if first is None:
         raise UsageError(
             f"corpus {o.corpus!r} (split {o.split}, skipping {o.skip_tokens} tokens) gives no full sequence "
@@ -279,39 +413,7 @@ def _harvest(
             + (" (splits are by document: a one-document corpus has no eval split)" if o.split != "all" else "")
         )
     _check_vocab(first, model)
-    if group is None:
-        group = _create(target, o, model, hooks, first, fingerprint)
-        start = 0
-    lossy = {h: dict(v) for h, v in group.attrs.get("lossy_error", {}).items()} if start else {}
-    for acc in lossy.values():  # sums are only valid up to the batch boundary we restart from
-        acc.pop("rms_rel", None)
-    writer = StoreWriter(group, hooks, o.codec, lossy)
-    writer.start()
-    bar = token_bar(progress, o.n_seq * o.seq_len, "harvest", initial=start * o.seq_len)
-    seq = start
-    try:
-        batch = first
-        while batch is not None and seq < o.n_seq:
-            batch = batch[: o.n_seq - seq]
-            _check_vocab(batch, model)
-            tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
-            acts = capture(model, tokens, hooks)
-            writer.put((seq, batch, {h: _stored_finite(h, a, o.dtype, seq) for h, a in acts.items()}))
-            seq += len(batch)
-            if bar is not None:
-                bar.update(batch.size)
-            batch = next(batches, None)
-    finally:
-        writer.close()
-        if bar is not None:
-            bar.close()
-    if seq < o.n_seq:
-        st.truncate(group, seq)
-        print(
-            f"warning: the corpus ran out after {seq} sequences ({seq * o.seq_len} tokens); the store holds those",
-            file=sys.stderr,
-        )
-    return _finish(out, target)
+    _create(target, o, model, hooks, first, corpus_fingerprint(o.corpus))
 
 
 def _same_corpus(out: str, group: Any, corpus: str, overwrite: bool) -> bool:

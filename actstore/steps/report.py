@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 from matplotlib.figure import Figure
 
-from actstore import __version__, analytics, atomic
+from actstore import __version__, analytics, atomic, objstore
 from actstore import run as rundir
 from actstore.errors import ActstoreError, UsageError
 from actstore.figures import FIGURES, FigureSpec
@@ -190,7 +190,17 @@ def report(run: str, out: str | None = None, progress: bool = False) -> Path:
     """Write OUT/report.md, OUT/figures/*.png and a self-contained OUT/report.html for RUN; returns OUT.
 
     RUN may be a run, a bundle directory or a .tar/.zip bundle; OUT defaults to RUN/report.
+    A run URL's report goes into its local copy and is committed to the run (actstore/objstore.py).
     """
+    if objstore.is_url(out):
+        raise UsageError(f"report --out {out}: give a local directory (report.html is read from disk)")
+    if objstore.is_url(run):
+        if out is None and not objstore.fetch(run).is_file():
+            with objstore.run_copy(run, "actstore report") as local:
+                return report(str(local), None, progress)
+        if out is None:
+            raise UsageError(f"give --out DIR for the report of the bundle {run}")
+        return report(str(objstore.fetch(run)), out, progress)
     analytics.resolve(run)  # no records: a UsageError before anything is written
     target = _target(run, out)
     results: dict[str, pl.DataFrame | str] = {}

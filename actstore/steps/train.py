@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore import __version__, atomic, diskspace, integrity
+from actstore import __version__, atomic, diskspace, distributed, integrity
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import StoreError, UsageError
@@ -128,6 +129,13 @@ class TrainOptions:
     log_every: int = option(10, "Steps between two rows of the training curves.", cli=False)
     checkpoint_seconds: float = option(120.0, "Write a resumable checkpoint this often.")
     device: str = option("cpu", "cpu, cuda or cuda:N.")
+    data_parallel: bool = option(
+        False,
+        "Under torchrun: every rank trains every SAE on its share of each batch, gradients all-reduced (for an SAE "
+        "too large or slow for one device). Default: the sweep's SAEs are divided among the ranks, each trained "
+        "exactly as in one process.",
+        flag="--data-parallel/--split-saes",
+    )
 
     def __post_init__(self) -> None:
         positive("batch_size", self.batch_size)
@@ -159,7 +167,12 @@ def sweep(
 def settings(store: str, o: TrainOptions) -> dict[str, Any]:
     """What, besides its spec, decides an SAE's weights: a finished SAE is reused, and a checkpoint
     resumed, only when these match (bookkeeping — logging, checkpoint timing, device — is left out)."""
-    opts = {k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device")}
+    opts = {
+        k: v for k, v in asdict(o).items() if k not in ("checkpoint_seconds", "log_every", "device", "data_parallel")
+    }
+    ranks = distributed.world().size if o.data_parallel else 1
+    if ranks > 1:  # each rank's share of a batch (and so the weights) depends on how many share it
+        opts["data_parallel_ranks"] = ranks
     return json.loads(json.dumps({"store": str(store), "options": opts, "loader": asdict(o.loader())}))
 
 
@@ -168,11 +181,24 @@ def train(
 ) -> list[str]:
     """Train every SAE in `specs` on `store` into the run directory `out`; returns their directories.
 
-    Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
+    Under torchrun (WORLD_SIZE > 1) the SAEs are divided among the ranks (each reads the store itself and
+    trains its SAEs exactly as one process would), or with `data_parallel` every rank trains every SAE on
+    its share of each batch. Holds the writer lock of what it writes (actstore/writer_lock.py, on rank 0):
+    a second writer is refused.
     """
-    with exclusive(out, "run", "actstore train"), diskspace.guard(out, lambda: sweep_bytes(store, out, specs)):
-        rundir.recover(out)
-        return _train(store, out, specs, options, progress=progress)
+    from actstore import objstore
+
+    if objstore.is_url(out):  # a run on object storage: worked on in a local copy, committed through its log
+        with objstore.run_copy(out, "actstore train") as local:
+            return train(store, str(local), specs, options, progress=progress)
+    w = distributed.init(options.device)
+    with ExitStack() as held:
+        distributed.agreed(lambda: held.enter_context(exclusive(out, "run", "actstore train")), w, True)
+        with diskspace.guard(out, lambda: sweep_bytes(store, out, specs)):
+            distributed.agreed(lambda: rundir.recover(out), w, leader_only=True)
+            done = _train(store, out, specs, options, progress=progress, w=w)
+    distributed.finish(w)
+    return done
 
 
 def sweep_bytes(store: str, run: str, specs: list[SAESpec]) -> int:
@@ -188,9 +214,16 @@ def sweep_bytes(store: str, run: str, specs: list[SAESpec]) -> int:
 
 
 def _train(
-    store: str, out: str, specs: list[SAESpec], options: TrainOptions = TrainOptions(), *, progress: bool = False
+    store: str,
+    out: str,
+    specs: list[SAESpec],
+    options: TrainOptions = TrainOptions(),
+    *,
+    progress: bool = False,
+    w: distributed.World | None = None,
 ) -> list[str]:
     """The work of `train`, under its writer lock."""
+    w = w or distributed.World()
     if not specs:
         raise UsageError("nothing to train: give at least one --hooks, --k, --expansion, --tokens and --seeds value")
     for spec in specs:
@@ -207,17 +240,45 @@ def _train(
                 f"k = {spec.k} must be between 1 and d_sae - 1 = {d_in * spec.expansion - 1} "
                 f"(d_in {d_in} × expansion {spec.expansion}); lower --k or raise --expansion"
             )
-    _check_run(run, store, group, specs)
-    done = []
+    distributed.same_everywhere(
+        {"store": str(store), "out": str(out), "specs": [asdict(s) for s in specs], **asdict(options)},
+        w,
+        "actstore train",
+    )
+    distributed.agreed(lambda: _check_run(run, store, group, specs), w, leader_only=True)
+    options = replace(options, device=distributed.rank_device(options.device, w))
+    mine = specs if options.data_parallel else _share(specs, group, w)
     for hook in dict.fromkeys(s.hook for s in specs):
-        members = [s for s in specs if s.hook == hook]
+        members = [s for s in mine if s.hook == hook]
+        first_batch = min(max(s.tokens for s in specs if s.hook == hook), options.batch_size)
+        if not members:
+            continue
         if not options.seed_data:
-            done += _train_hook(store, group, run, members, options, progress)
+            _train_hook(store, group, run, members, options, progress, w, first_batch)
             continue
         for seed in dict.fromkeys(s.seed for s in members):  # one data pass per seed, each in its own order
             o = replace(options, data_seed=options.data_seed + seed)
-            done += _train_hook(store, group, run, [s for s in members if s.seed == seed], o, progress)
-    return done
+            _train_hook(store, group, run, [s for s in members if s.seed == seed], o, progress, w, first_batch)
+    distributed.barrier(w)
+    return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
+
+
+def _share(specs: list[SAESpec], group: Any, w: distributed.World) -> list[SAESpec]:
+    """This rank's SAEs of the sweep: the largest first, each to the rank with the least work so far (the
+    work of an SAE ≈ its width × its tokens); every rank computes the same deal."""
+    if w.single:
+        return specs
+    distributed.agreed(
+        lambda: distributed.check_world_fits(len(specs), w, "SAEs in the sweep (use --data-parallel to share one SAE)"),
+        w,
+    )
+    load = [0] * w.size
+    owner: dict[SAESpec, int] = {}
+    cost = {s: int(group["acts"][s.hook].shape[2]) * s.expansion * s.tokens for s in specs}
+    for spec in sorted(specs, key=lambda s: (-cost[s], s.sae_id)):
+        rank = min(range(w.size), key=lambda r: (load[r], r))
+        owner[spec], load[rank] = rank, load[rank] + cost[spec]
+    return [s for s in specs if owner[s] == w.rank]
 
 
 def _check_run(run: Path, store: str, group: Any, specs: list[SAESpec]) -> None:
@@ -252,8 +313,20 @@ def _check_run(run: Path, store: str, group: Any, specs: list[SAESpec]) -> None:
     atomic.write_bytes(manifest, json.dumps(record, indent=2).encode())
 
 
-def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: TrainOptions, progress: bool) -> list[str]:
+def _train_hook(
+    store: str,
+    group: Any,
+    run: Path,
+    specs: list[SAESpec],
+    o: TrainOptions,
+    progress: bool,
+    w: distributed.World,
+    first_batch: int,
+) -> None:
+    """Train `specs` (SAEs of one hook) in one pass over the stream; `first_batch` rows of its start give
+    every SAE of the hook its initial b_dec (the same for every member, however the sweep is divided)."""
     hook = specs[0].hook
+    writes = w.leader or not o.data_parallel  # data parallel: every rank holds the same SAEs; rank 0 writes
     wanted = settings(store, o)
     for spec in specs:
         cfg_file = rundir.sae_dir(run, spec.sae_id) / "cfg.json"
@@ -269,8 +342,9 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
                 )
     todo = [s for s in specs if not rundir.is_trained(run, s.sae_id)]
     if not todo:
-        return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
-    ckpt_path = rundir.checkpoint_path(run, hook, store)
+        return
+    share = None if w.single or o.data_parallel else f"{w.rank}of{w.size}"
+    ckpt_path = rundir.checkpoint_path(run, hook, store, share)
     ckpt = _load_checkpoint(ckpt_path, o.device) if ckpt_path.exists() else None
     # A checkpoint written before some SAEs of this sweep finished still covers the rest of it.
     members = next((m for m in (specs, todo) if ckpt is not None and ckpt["key"] == _key(m, wanted)), None)
@@ -282,11 +356,11 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
 
     d_in = group["acts"][hook].shape[2]
     if ckpt is None:
-        first = next(iter(ActivationLoader(store, hook, min(total, o.batch_size), o.loader(), device=o.device)))
+        first = next(iter(ActivationLoader(store, hook, first_batch, o.loader(), device=o.device)))
         b_dec = geometric_median(first.float())
     else:
         b_dec = torch.zeros(d_in, device=o.device)
-    trainees = [Trainee(s, d_in, o, b_dec) for s in members]
+    trainees = [Trainee(s, d_in, o, b_dec, w if o.data_parallel else None) for s in members]
     position = 0
     if ckpt is not None:
         for t, state in zip(trainees, ckpt["trainees"], strict=True):
@@ -294,18 +368,22 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
         position = ckpt["position"]
 
     loader = ActivationLoader(store, hook, total, o.loader(), start_token=position, device=o.device)
-    bar = token_bar(progress, total, f"train {hook} ({plural_saes(len(todo))})", initial=position)
+    who = "" if w.single else (f", rank {w.rank} of {w.size}" if not o.data_parallel else f", {w.size} ranks")
+    bar = token_bar(progress and writes, total, f"train {hook} ({plural_saes(len(todo))}{who})", initial=position)
     last_ckpt = time.monotonic()
+    saved = {s.sae_id for s in members if rundir.is_trained(run, s.sae_id)}
     for batch in loader:
         fvus = [t.train_step(batch) for t in trainees if not t.done]
         position += len(batch)
         for t in trainees:
-            if t.done and not rundir.is_trained(run, t.spec.sae_id):
-                _save(t, run, store, group, o, loader.epoch_tokens)
+            if t.done and t.spec.sae_id not in saved:
+                if writes:
+                    _save(t, run, store, group, o, loader.epoch_tokens)
+                saved.add(t.spec.sae_id)
         if bar is not None:
             bar.update(len(batch))
             bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-", refresh=False)
-        if time.monotonic() - last_ckpt >= o.checkpoint_seconds and position < total:
+        if _checkpoint_due(last_ckpt, o, w) and position < total and writes:
             with atomic.replacing(ckpt_path) as (stage,):
                 stage.mkdir()
                 state = {"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]}
@@ -317,18 +395,26 @@ def _train_hook(store: str, group: Any, run: Path, specs: list[SAESpec], o: Trai
     if bar is not None:
         bar.close()
     for t in trainees:  # (budgets beyond the store's size loop over it: the loader starts a new epoch)
-        if not rundir.is_trained(run, t.spec.sae_id):
+        if t.spec.sae_id not in saved and writes:
             _save(t, run, store, group, o, loader.epoch_tokens)
     for t in trainees:
-        if _undertrained(t):
+        if writes and _undertrained(t):
             print(
                 f"warning: {t.spec.sae_id} was still improving when its learning rate decayed (batch FVU fell "
                 f"{t.still_improving():.1%} over the last tenth of its steps before the decay); give it more "
                 "--tokens or try larger --lr values",
                 file=sys.stderr,
             )
-    atomic.remove(ckpt_path)
-    return [str(rundir.sae_dir(run, s.sae_id)) for s in specs]
+    if writes:
+        atomic.remove(ckpt_path)
+
+
+def _checkpoint_due(last: float, o: TrainOptions, w: distributed.World) -> bool:
+    """Time for a checkpoint; with data parallelism rank 0's clock decides for all (the ranks step together)."""
+    due = time.monotonic() - last >= o.checkpoint_seconds
+    if o.data_parallel and not w.single:
+        due = bool(distributed.broadcast(due, w))
+    return due
 
 
 def _undertrained(t: Trainee) -> bool | None:
@@ -428,6 +514,9 @@ def _save(t: Trainee, run: Path, store: str, group: Any, o: TrainOptions, epoch_
 
 def summary(run: str) -> list[dict[str, Any]]:
     """Each trained SAE's last logged FVU and dead fraction, read from the curves, by hook depth and k."""
+    from actstore.objstore import local_run
+
+    run = local_run(run)  # a run URL: its verified local copy
     curves, saes = rundir.read_table(run, "curves"), rundir.read_table(run, "saes")
     if curves.is_empty() or saes.is_empty():
         return []
