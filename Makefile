@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/eval.py
 	$(BIN)/python bench/analytics.py
+	$(BIN)/python bench/scale.py  # torchrun's 2 processes against 1, moto's S3 against disk, bytes per codec (≈ 6 min)
 
 test-tl39:
 	$(PY) -m venv $(VENV39)

@@ -344,3 +344,46 @@ def test_a_bucket_that_does_not_exist_is_one_line(s3):
 def test_overwrite_onto_a_store_url_is_refused(s3, both):
     code, out = _cli("harvest", f"{both.s3}/train.zarr", "--tokens", "512", "--overwrite", "--quiet")
     assert code == 2 and "--overwrite" in out and "rename" in out, out
+
+
+def _torchrun(s3, *args: str) -> None:
+    """`actstore ARGS` under torchrun with 2 gloo ranks, one thread each, against the test's S3 server."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **s3.env, "OMP_NUM_THREADS": "1"}
+    cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node=2", "--no-python", "--"]
+    done = subprocess.run(
+        [*cmd, str(bin_dir / "actstore"), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_harvest_train_and_eval_on_s3_as_one_process_does(s3, both, tmp_path):
+    """Under torchrun each rank works on its own copy of a run URL: SAEs dealt to ranks commit into one run
+    through the log, and eval's rows meet on rank 0 (no shared directory): equal to one process on disk."""
+    base = f"{s3.url}/dist"
+    harvest_args = ["--hooks", HOOK, "--seq-len", "32", "--tokens", str(24 * 32), "--batch-size", "8"]
+    _torchrun(s3, "harvest", f"{base}/train.zarr", *harvest_args, "--split", "train", "--quiet")
+    assert _chunks_equal(s3, f"{base}/train.zarr", f"{both.local}/train.zarr") > 0
+    sweep = ["--hooks", HOOK, "--k", "4,8", "--expansion", "2", "--tokens", "1500", "--batch-size", "250"]
+    _torchrun(s3, "train", f"{base}/train.zarr", "--out", f"{base}/run", *sweep, "--quiet")
+    local = tmp_path / "run"
+    specs = [SAESpec(HOOK, k, 2, 1_500, 0) for k in (4, 8)]
+    train(f"{both.local}/train.zarr", str(local), specs, TRAIN_OPTS)
+    eval_args = ["--hooks", HOOK, "--seq-len", "32", "--tokens", str(8 * 32), "--batch-size", "4", "--split", "eval"]
+    _torchrun(s3, "harvest", f"{base}/eval.zarr", *eval_args, "--quiet")  # chunks of 4: 2 units for 2 ranks
+    _torchrun(s3, "eval", f"{base}/eval.zarr", "--run", f"{base}/run", "--batch-size", "4", "--quiet")
+    local_eval = str(tmp_path / "eval.zarr")
+    harvest(local_eval, HarvestOptions(hooks=(HOOK,), seq_len=32, tokens=8 * 32, batch_size=4, split="eval"))
+    evaluate(local_eval, str(local), options=EvalOptions(batch_size=4), loaded=both.model)
+    view = objstore.run_view(f"{base}/run")
+    for spec in specs:
+        name = "sae_weights.safetensors"
+        assert (rundir.sae_dir(view, spec.sae_id) / name).read_bytes() == (
+            local / "saes" / spec.sae_id / name
+        ).read_bytes()
+    assert not any("~r" in p.name for p in Path(view).rglob("*.parquet"))  # rank 0 wrote whole parts
+    drop = ["store", "path", "train_seconds", "created"]
+    for table in ("tokens", "codes", "latents", "evals"):
+        a = rundir.read_table(view, table).drop(drop, strict=False).sort(pl.all())
+        b = rundir.read_table(local, table).drop(drop, strict=False).sort(pl.all())
+        assert a.height > 0 and a.equals(b), table

@@ -241,14 +241,29 @@ def darkmatter(
 
     Holds the writer lock of what it writes (actstore/writer_lock.py): a second writer is refused.
     """
-    if objstore.is_url(run):  # a run on object storage: worked on in a local copy, committed through its log
-        with objstore.run_copy(run, "actstore darkmatter") as local:
-            return darkmatter(str(local), options, progress=progress, loaded=loaded, only=only)
     w = distributed.init(options.device)
     if options.write_errors and not w.single:
         raise UsageError(
             "--write-errors adds arrays to the eval store and must run in one process; drop torchrun for it"
         )
+    distributed.same_everywhere(
+        {"run": str(run), "only": sorted(only or []), **asdict(options)}, w, "actstore darkmatter"
+    )
+    if objstore.is_url(run):  # a run on object storage: worked on in a local copy, committed through its log
+        with objstore.run_copy(run, "actstore darkmatter") as local:
+            return _darkmatter_locked(str(local), options, progress, loaded, only, w)
+    return _darkmatter_locked(run, options, progress, loaded, only, w)
+
+
+def _darkmatter_locked(
+    run: str,
+    options: DarkmatterOptions,
+    progress: bool,
+    loaded: LoadedModel | None,
+    only: set[str] | None,
+    w: distributed.World,
+) -> pl.DataFrame:
+    """`darkmatter` on a run directory, under its writer lock."""
     with ExitStack() as held:
         distributed.agreed(lambda: held.enter_context(exclusive(run, "run", "actstore darkmatter")), w, True)
         with diskspace.guard(run):
@@ -271,9 +286,6 @@ def _darkmatter(
     each analysed exactly as in one process; every rank returns all the rows."""
     world = world or distributed.World()
     progress = progress and world.leader
-    distributed.same_everywhere(
-        {"run": str(run), "only": sorted(only or []), **asdict(options)}, world, "actstore darkmatter"
-    )
     saes, evals = rundir.read_table(run, "saes"), rundir.read_table(run, "evals")
     if saes.is_empty() or evals.is_empty():
         raise UsageError(f"{run} has no eval records; run `actstore eval EVAL_STORE --run {run}` first")

@@ -90,22 +90,39 @@ def evaluate(
     """
     from actstore import objstore
 
-    if objstore.is_url(run):  # a run on object storage: worked on in a local copy, committed through its log
-        if not distributed.world().single:  # the ranks' shares of a partition meet only in one directory
-            raise UsageError(
-                f"eval under torchrun needs RUN on a filesystem every rank shares, not {run}; "
-                "evaluate into a shared directory (then `actstore bundle create` to S3), or run eval in one process"
-            )
-        with objstore.run_copy(run, "actstore eval") as local:
-            return evaluate(eval_store, str(local), sae_paths, options, progress=progress, loaded=loaded)
-    needed = lambda: eval_bytes(eval_store, run, sae_paths, options)  # noqa: E731
     w = distributed.init(options.device)
+    distributed.same_everywhere(
+        {"store": str(eval_store), "run": str(run), "saes": list(sae_paths or []), **asdict(options)},
+        w,
+        "actstore eval",
+    )
+    if objstore.is_url(run):  # a run on object storage: worked on in a local copy, committed through its log
+        with objstore.run_copy(run, "actstore eval") as local:
+            return _evaluate_locked(eval_store, str(local), sae_paths, options, progress, loaded, w, one_writer=True)
+    return _evaluate_locked(eval_store, run, sae_paths, options, progress, loaded, w, one_writer=False)
+
+
+def _evaluate_locked(
+    eval_store: str,
+    run: str,
+    sae_paths: list[str] | None,
+    options: EvalOptions,
+    progress: bool,
+    loaded: LoadedModel | None,
+    w: distributed.World,
+    one_writer: bool,
+) -> list[str]:
+    """`evaluate` on a run directory, under the writer locks. `one_writer`: rank 0 writes every record
+    (each rank's copy of a run on object storage is its own, so the ranks' shares cannot meet in one)."""
+    needed = lambda: eval_bytes(eval_store, run, sae_paths, options)  # noqa: E731
     with ExitStack() as held:
         locks = exclusive_all("actstore eval", (run, "run"), (eval_store, "store"))
         distributed.agreed(lambda: held.enter_context(locks), w, leader_only=True)
         with diskspace.guard(run, needed):
             distributed.agreed(lambda: rundir.recover(run), w, leader_only=True)
-            done = _evaluate(eval_store, run, sae_paths, options, progress=progress, loaded=loaded, w=w)
+            done = _evaluate(
+                eval_store, run, sae_paths, options, progress=progress, loaded=loaded, w=w, one_writer=one_writer
+            )
     distributed.finish(w)
     return done
 
@@ -132,16 +149,12 @@ def _evaluate(
     progress: bool = False,
     loaded: LoadedModel | None = None,
     w: distributed.World | None = None,
+    one_writer: bool = False,
 ) -> list[str]:
     """The work of `evaluate`, under its writer lock. Under torchrun each rank evaluates whole units of
     sequences (chunk-aligned batches, so the batches, and the baselines' draws, are one process's) and
     writes its share of the per-token tables; rank 0 writes what is about all of them."""
     w = w or distributed.World()
-    distributed.same_everywhere(
-        {"store": str(eval_store), "run": str(run), "saes": list(sae_paths or []), **asdict(options)},
-        w,
-        "actstore eval",
-    )
     group = st.open_store(eval_store, mode="r+")
     if w.leader:
         st.clear_leftovers(eval_store)  # a killed eval's half-written reconstruction chunks (we hold the lock)
@@ -194,7 +207,15 @@ def _evaluate(
         # decided before anyone writes: the SAE's codes do not depend on where eval patched
         skip_codes = {s.sae_id: part != "0" and rundir.has_part(run, "codes", s.sae_id) for s in hook_saes}
         skip_codes = distributed.broadcast(skip_codes, w)
-        for turn in range(w.size):  # ranks write their shares in turn, rank 0 first (run.write_tables)
+        if one_writer and not w.single:  # the ranks' rows meet on rank 0, which writes them as one process
+            for s in hook_saes:
+                mine = frames[s.sae_id]
+                shares = distributed.gather({t: f for t, f in mine.items() if t not in _ABOUT_ALL}, w)
+                if w.leader:
+                    whole = {t: pl.concat([share_[t] for share_ in shares]) for t in shares[0]}
+                    whole |= {t: mine[t] for t in _ABOUT_ALL}
+                    _write_sae(run, s, group, whole, part, None, skip_codes[s.sae_id], s.sae_id not in known_ids)
+        for turn in range(0 if one_writer else w.size):  # ranks write their shares in turn, rank 0 first
             if turn == w.rank:
                 for s in hook_saes:
                     _write_sae(

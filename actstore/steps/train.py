@@ -188,10 +188,22 @@ def train(
     """
     from actstore import objstore
 
+    w = distributed.init(options.device)
+    distributed.same_everywhere(
+        {"store": str(store), "out": str(out), "specs": [asdict(s) for s in specs], **asdict(options)},
+        w,
+        "actstore train",
+    )
     if objstore.is_url(out):  # a run on object storage: worked on in a local copy, committed through its log
         with objstore.run_copy(out, "actstore train") as local:
-            return train(store, str(local), specs, options, progress=progress)
-    w = distributed.init(options.device)
+            return _train_locked(store, str(local), specs, options, progress, w)
+    return _train_locked(store, out, specs, options, progress, w)
+
+
+def _train_locked(
+    store: str, out: str, specs: list[SAESpec], options: TrainOptions, progress: bool, w: distributed.World
+) -> list[str]:
+    """`train` into a run directory, under its writer lock."""
     with ExitStack() as held:
         distributed.agreed(lambda: held.enter_context(exclusive(out, "run", "actstore train")), w, True)
         with diskspace.guard(out, lambda: sweep_bytes(store, out, specs)):
@@ -240,11 +252,6 @@ def _train(
                 f"k = {spec.k} must be between 1 and d_sae - 1 = {d_in * spec.expansion - 1} "
                 f"(d_in {d_in} × expansion {spec.expansion}); lower --k or raise --expansion"
             )
-    distributed.same_everywhere(
-        {"store": str(store), "out": str(out), "specs": [asdict(s) for s in specs], **asdict(options)},
-        w,
-        "actstore train",
-    )
     distributed.agreed(lambda: _check_run(run, store, group, specs), w, leader_only=True)
     options = replace(options, device=distributed.rank_device(options.device, w))
     mine = specs if options.data_parallel else _share(specs, group, w)
