@@ -93,7 +93,8 @@ def test_a_harvest_killed_under_two_ranks_is_finished_by_one_process(stores, tmp
     os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, mid-harvest
     proc.wait()
     group = zarr.open_group(str(out), mode="r")
-    assert 0 < int(st.done_chunks(group).sum()) < 6 or proc.returncode == 0  # killed part-way (or it won the race)
+    # killed part-way: some chunk not yet flagged, or all flagged but the commit record not yet written
+    assert st.committed(group) < 24 or proc.returncode == 0, "the harvest finished before the kill"
     actstore("harvest", str(out), "--tokens", str(24 * 32), *HARVEST)  # one process finishes what two started
     assert _files(out) == _files(stores["one"])
 
