@@ -139,13 +139,13 @@ class Trainee:
             self.var_per_token = (x - x.mean(0)).pow(2).sum().detach() / len(x)
         out = self.sae(x, dead, total_var)
         loss = out.fvu + self.o.auxk_coef * out.auxk_loss
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # into no gradients: the previous step freed them
         if self.world is not None:
             self._sum_gradients()
         self.sae.remove_gradient_parallel_to_decoder()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.o.grad_clip)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # frees their memory until the next backward
         self.sae.set_decoder_norm_to_unit()
 
         fvu_t = out.fvu.detach()
