@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from actstore.errors import UsageError
+from actstore.metrics import sequence_generators
 from actstore.patching import Batch, Patcher
 
 MAX_DRAW_BYTES = 4 << 30  # the draws' records held in memory: refuse a request above this, with the number
@@ -35,7 +36,7 @@ def check_draws(n_draws: int, n_seq: int) -> None:
 
 def draw_generator(seed: int, seq: int) -> torch.Generator:
     """The draws of sequence `seq`: the same directions whatever the batching, and for every SAE (paired)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + seq) * 2 + 1)
+    return sequence_generators(seed, [seq], "eps")[0]  # (seed · 1,000,003 + seq) · 2 + 1, as before
 
 
 def eps_at(x: Tensor, err_norm: Tensor, n_draws: int, gen: torch.Generator) -> Tensor:

@@ -7,6 +7,8 @@ reads like the formula it implements and tests can check it against numpy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import polars as pl
 import torch
@@ -15,20 +17,44 @@ from torch import Tensor
 EPS = 1e-10  # docs/METHODS.md: relerr = ‖e‖/(‖x‖ + 1e-10); also the floor of every norm we divide by
 
 
-def baselines(x: Tensor, xh: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
-    """The baselines of actstore.tables.BASELINES for (n, d) tokens: random errors of ‖x − x̂‖'s size."""
+# Every random draw of eval is per sequence: a generator seeded by (eval --seed, the sequence's index) and
+# the stream it feeds, so the batch size and the torchrun split never change what a sequence draws.
+# The seeds of the streams are disjoint: ε draws odd, baselines 0 and probes 2 modulo 4.
+STREAMS = {"baselines": (4, 0), "eps": (2, 1), "probes": (4, 2)}
+
+
+def sequence_generators(seed: int, seqs: Sequence[int] | np.ndarray, stream: str) -> list[torch.Generator]:
+    """One CPU generator per sequence of `seqs` for the draws of `stream` (a key of STREAMS)."""
+    times, plus = STREAMS[stream]
+    return [torch.Generator().manual_seed((seed * 1_000_003 + int(q)) * times + plus) for q in seqs]
+
+
+def baselines(x: Tensor, xh: Tensor, gen: torch.Generator | Sequence[torch.Generator]) -> dict[str, Tensor]:
+    """The baselines of actstore.tables.BASELINES for (n, d) tokens: random errors of ‖x − x̂‖'s size.
+
+    `gen`: one generator per sequence (x holds the sequences' tokens in order, each as many), each
+    drawing that sequence's directions and actdiff's partners; a single generator treats x as one sequence."""
+    gens = [gen] if isinstance(gen, torch.Generator) else list(gen)
+    per = len(x) // len(gens)
+    if per * len(gens) != len(x):
+        raise ValueError(f"{len(x)} tokens do not split into {len(gens)} sequences of equal length")
+    g = torch.empty(x.shape)
+    a, b = torch.empty(len(x), dtype=torch.long), torch.empty(len(x), dtype=torch.long)
+    for i, gi in enumerate(gens):  # per sequence: its Gaussian draws, then its partners
+        rows = slice(i * per, (i + 1) * per)
+        torch.randn((per, x.shape[-1]), generator=gi, out=g[rows])
+        if per >= 3:
+            a[rows], b[rows] = (j + i * per for j in partners(per, gi))
     e_norm = (x - xh).norm(dim=-1, keepdim=True)
-    g = torch.randn(x.shape, generator=gen)
     eps = x + e_norm * g / g.norm(dim=-1, keepdim=True)
     x_unit = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
     u = g - (g * x_unit).sum(-1, keepdim=True) * x_unit
     u = u / u.norm(dim=-1, keepdim=True).clamp_min(EPS)
     c = (x * xh).sum(-1, keepdim=True) / (x.norm(dim=-1, keepdim=True) * xh.norm(dim=-1, keepdim=True)).clamp_min(EPS)
     samecos = (c * x_unit + (1 - c**2).clamp_min(0).sqrt() * u) * xh.norm(dim=-1, keepdim=True)
-    # Lee & Heimersheim's direction: the difference of two *other* real activations, never built from the
-    # token's own x; identical partners (the same token at position 0, say) fall back to the isotropic one.
-    a, b = partners(len(x), gen)
-    diff = x[a] - x[b] if len(x) >= 3 else g
+    # Lee & Heimersheim's direction: the difference of two *other* real activations of the same sequence,
+    # never built from the token's own x; identical partners (or a sequence of < 3 tokens) fall back to g.
+    diff = x[a] - x[b] if per >= 3 else g
     diff = torch.where(diff.norm(dim=-1, keepdim=True) > EPS, diff, g)
     actdiff = x + e_norm * diff / diff.norm(dim=-1, keepdim=True).clamp_min(EPS)
     # Gurnee's shrinkage test (001): the clean direction at the SAE's norm, and the SAE's direction at the
@@ -41,7 +67,7 @@ def baselines(x: Tensor, xh: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
 
 def partners(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Two partner tokens a_i ≠ b_i for each of n tokens, both other than i (n ≥ 3): the next two in a
-    random cyclic order of the batch."""
+    random cyclic order of the sequence."""
     order = torch.randperm(n, generator=gen)
     place = torch.empty_like(order)
     place[order] = torch.arange(n)

@@ -8,6 +8,7 @@ the canonical TransformerLens hook names (`blocks.{L}.hook_resid_post`, …) the
 from __future__ import annotations
 
 import os
+import platform
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,32 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise UsageError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
     return device
+
+
+def runtime_description(device: str) -> dict[str, str | None]:
+    """What a store's bits depend on beyond its settings: the device's name and torch's (CUDA's, cuDNN's)
+    versions. Cheap: no model, and torch.cuda is asked only for a CUDA device."""
+    out: dict[str, str | None] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if device.startswith("cuda"):
+        out["device_name"] = torch.cuda.get_device_name(device if ":" in device else None)
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        out["cudnn"] = None if cudnn is None else str(cudnn)
+    else:
+        out["device_name"] = platform.processor() or platform.machine()
+        capability = getattr(torch.backends.cpu, "get_cpu_capability", None)
+        out["cpu_capability"] = capability() if capability is not None else None
+    return out
+
+
+def runtime_change(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between two runtime descriptions, in words ("torch 2.4.0 → 2.5.1"), or None."""
+    names = {"device_name": "device", "cpu_capability": "CPU capability", "torch": "torch", "cuda": "CUDA"}
+    diffs = [
+        f"{label} {recorded.get(key)} → {current.get(key)}"
+        for key, label in names.items()
+        if key in recorded and recorded.get(key) != current.get(key)
+    ]
+    return ", ".join(diffs) or None
 
 
 def check_runtime(device: str, compute_dtype: str) -> None:

@@ -25,17 +25,28 @@ class Patcher:
     """Runs the model above a hook from a replacement activation, sharing the clean prefix.
 
     For `blocks.L.hook_resid_post` / `resid_pre` it runs only the bridge's blocks above the hook, then
-    the final norm and unembedding (TransformerLens 4.3's `start_at_layer` was measured to still
-    execute every block). That direct path is checked once against a full forward on a probe batch;
-    any mismatch or error (other architectures, TransformerLens 3.x) falls back to patching through a
-    hook in a full forward, which is always right and only slower.
+    the final norm, the unembedding and the model's own transform of the logits after it (Gemma-2's
+    softcap `cap · tanh(logits / cap)`, Granite's or Cohere's scaling: the architecture adapter's
+    `apply_output_logits_transform`, the step TransformerLens declares for each architecture).
+    TransformerLens 4.3's `start_at_layer` was measured to still execute every block. That direct
+    path is checked once against a full forward on a probe batch, at the model's own logits and with
+    the logits before the final transform blown up to where a softcap saturates; any mismatch or
+    error (other architectures, TransformerLens 3.x) falls back to patching through a hook in a full
+    forward, which is always right and only slower. `path` says which one runs ("suffix" or
+    "full_forward"); eval records it in the `evals` row's options.
     """
+
+    # The probe's scale for the logits before the final transform: far above any softcap in use
+    # (Gemma-2's is 30), so a missing or wrong cap changes the largest logit many-fold, and small
+    # enough for float16 (max 65504).
+    PROBE_LOGIT_SCALE = 1000.0
 
     def __init__(self, model: LoadedModel, hook: str):
         self.model, self.hook = model, hook
         self.start = blocks_after(hook)
         if self.start is not None and not self._direct_suffix_agrees():
             self.start = None
+        self.path = "full_forward" if self.start is None else "suffix"
 
     @torch.inference_mode()
     def logits(self, tokens: Tensor, replacement: Tensor) -> Tensor:
@@ -64,24 +75,90 @@ class Patcher:
         n, t = h.shape[:2]
         pos = torch.arange(t, device=h.device)[None].expand(n, -1)
         rotary = bridge.rotary_emb(h, pos) if hasattr(bridge, "rotary_emb") else None
-        mask = torch.full((t, t), float("-inf"), dtype=h.dtype, device=h.device).triu(1)[None, None]
+        causal = torch.full((t, t), float("-inf"), dtype=h.dtype, device=h.device).triu(1)
         for block in bridge.blocks[self.start :]:
+            mask = _attention_mask(block, causal)
             out = block(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
             h = out[0] if isinstance(out, tuple) else out
         if only_pos is not None:
             h = h[:, only_pos : only_pos + 1]
-        return bridge.unembed(bridge.ln_final(h))
+        return self._final_transform(bridge.unembed(bridge.ln_final(h)))
+
+    def _final_transform(self, logits: Tensor) -> Tensor:
+        """What the model does to the logits after the unembedding, by its own adapter's definition
+        (softcap, output scaling); without one (older TransformerLens), a softcap the config declares."""
+        bridge = self.model.bridge
+        transform = getattr(getattr(bridge, "adapter", None), "apply_output_logits_transform", None)
+        if callable(transform):
+            return transform(logits)
+        cap = getattr(bridge.cfg, "output_logits_soft_cap", None)
+        if cap is not None and cap > 0:  # -1 / 0 / None: no cap
+            return cap * torch.tanh(logits / cap)
+        return logits
 
     @torch.inference_mode()
     def _direct_suffix_agrees(self) -> bool:
+        """The direct path's logits against a full forward's on a probe batch, twice: as the model
+        computes them, which checks the blocks, norm and unembedding; and with the unembedding's output
+        scaled in both to a largest value of PROBE_LOGIT_SCALE, which checks the final transform where
+        it is not ~identity (with small logits, cap · tanh(x / cap) ≈ x hid a missing softcap)."""
+        bridge = self.model.bridge
         try:
-            tokens = (torch.arange(22).reshape(2, 11) % int(self.model.bridge.cfg.d_vocab)).to(self.model.device)
+            tokens = (torch.arange(22).reshape(2, 11) % int(bridge.cfg.d_vocab)).to(self.model.device)
             resid = capture(self.model, tokens, [self.hook])[self.hook]
-            want = self.model.bridge(tokens).float()
-            got = self._suffix(resid).float()
-            return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())))
+            tol = agreement_tolerance(next(bridge.parameters()).dtype, self.model.device)
+            if not _close(self._suffix(resid), bridge(tokens), tol):
+                return False
+
+            def blow_up(logits: Tensor, hook: Any) -> Tensor:
+                return logits * (self.PROBE_LOGIT_SCALE / logits.abs().amax().clamp_min(1e-6))
+
+            with bridge.hooks(fwd_hooks=[("unembed.hook_out", blow_up)]):
+                want = bridge(tokens)
+                got = self._suffix(resid)
+            return _close(got, want, tol)
         except Exception:  # an architecture whose blocks take other arguments: use the hook path
             return False
+
+
+def agreement_tolerance(dtype: torch.dtype, device: str = "cpu") -> float:
+    """How far (relative to the largest logit) the direct path may be from the full forward.
+
+    Both run the same modules in the same dtype; they differ only where the kernels do (the mask, the
+    matmuls' shapes and reduction order), so the gap is rounding, amplified a little by the layers
+    above the hook. A structural mistake (a missing softcap or scale, a wrong mask) moves the logits
+    by far more than any of these bounds.
+    - float32: 1e-4. The unit roundoff is 6e-8, but a different reduction order over d_model or
+      d_vocab terms moves a sum by up to n · 6e-8 (≈ 2.5e-4 worst case at n = 4096, ~1e-6 typical).
+    - bfloat16: 2^-5 ≈ 0.031, i.e. 8 units of its roundoff 2^-8: one rounding of an activation
+      differently in the two paths is already 0.4 %, and it compounds through the layers above the
+      hook (the old 1e-3 was below a single bf16 rounding, so every bf16 run fell back).
+    - float16: 2^-8 ≈ 0.0039, the same 8 units of its roundoff 2^-11.
+    - float32 matmuls in TF32 on CUDA (10-bit mantissa, as float16): float16's bound.
+    """
+    if dtype == torch.bfloat16:
+        return 2.0**-5
+    tf32 = str(device).startswith("cuda") and torch.backends.cuda.matmul.allow_tf32
+    if dtype == torch.float16 or (dtype == torch.float32 and tf32):
+        return 2.0**-8
+    return 1e-4
+
+
+def _close(got: Tensor, want: Tensor, tol: float) -> bool:
+    got, want = got.float(), want.float()
+    return got.shape == want.shape and bool(torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())))
+
+
+def _attention_mask(block: Any, causal: Tensor) -> Tensor:
+    """The additive mask a block's attention gets in the full forward: causal, and for a
+    sliding-window layer (Gemma-2's every other layer, Mistral) also blind to keys `window` or more
+    positions back (Hugging Face's rule: key j is seen from query i when i - window < j ≤ i)."""
+    attn = getattr(getattr(block, "attn", None), "original_component", None)
+    window = getattr(attn, "sliding_window", None)
+    t = causal.shape[-1]
+    if isinstance(window, int) and 0 < window < t:
+        causal = causal.masked_fill(torch.ones_like(causal, dtype=torch.bool).tril(-window), float("-inf"))
+    return causal[None, None]
 
 
 class CleanDistribution:

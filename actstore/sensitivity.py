@@ -14,6 +14,8 @@ the hook and the layers above it (actstore/patching.py), this computes
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -87,10 +89,20 @@ def fisher_quadratic(batch: Batch, u: Tensor) -> Tensor:
     return out.clamp_min(0)  # F is positive semi-definite: a negative value is rounding
 
 
-def iso_sens(patcher: Patcher, batch: Batch, probes: int, gen: torch.Generator, pos: int | None) -> Tensor:
-    """Hutchinson's estimate of tr(Jᵀ F J)/d per token, Gaussian probes at every position (or at `pos` only)."""
+def iso_sens(
+    patcher: Patcher, batch: Batch, probes: int, gen: torch.Generator | Sequence[torch.Generator], pos: int | None
+) -> Tensor:
+    """Hutchinson's estimate of tr(Jᵀ F J)/d per token, Gaussian probes at every position (or at `pos` only).
+
+    `gen`: one generator per sequence of the batch (its probes, whatever the batching), or one for all."""
     n, seq_len, d = batch.x_live.shape
-    v = torch.randn((probes, n, seq_len, d), generator=gen).to(batch.x_live.device)
+    if isinstance(gen, torch.Generator):
+        v = torch.randn((probes, n, seq_len, d), generator=gen)
+    else:
+        v = torch.empty((probes, n, seq_len, d))
+        for i, gi in enumerate(gen):
+            v[:, i] = torch.randn((probes, seq_len, d), generator=gi)
+    v = v.to(batch.x_live.device)
     if pos is not None:
         keep = torch.zeros(seq_len, 1, device=v.device)
         keep[pos] = 1
@@ -102,7 +114,14 @@ def iso_sens(patcher: Patcher, batch: Batch, probes: int, gen: torch.Generator, 
 class BatchSensitivity:
     """The gradient and the probes of one batch, then the first-order and Fisher numbers of any patch."""
 
-    def __init__(self, patcher: Patcher, batch: Batch, probes: int, gen: torch.Generator, pos: int | None):
+    def __init__(
+        self,
+        patcher: Patcher,
+        batch: Batch,
+        probes: int,
+        gen: torch.Generator | Sequence[torch.Generator],
+        pos: int | None,
+    ):
         self.patcher, self.batch = patcher, batch
         self.g = hook_gradient(patcher, batch)
         self.iso = iso_sens(patcher, batch, probes, gen, pos)

@@ -544,3 +544,22 @@ def test_eval_sensitivity_columns_and_the_sensitivity_query(evaluated, tmp_path)
     assert out["fo_ratio"] == pytest.approx(f["fo_patched"].sum() / d_ce.sum(), rel=1e-4)
     assert out["alignment_lo"] <= out["alignment"] <= out["alignment_hi"]
     assert 0.3 < out["eps_alignment"] < 3  # an isotropic error is about as sensitive as iso_sens says
+
+
+def test_the_batch_size_changes_no_random_baseline_nor_sensitivity_column(evaluated, tmp_path):
+    """Every draw (baselines, actdiff's partners, iso_sens's probes) is seeded per sequence, not per batch."""
+    from actstore.tables import BASELINES
+
+    store, run0 = evaluated
+    sae_dir = sorted(__import__("pathlib").Path(run0, "saes").iterdir())[1]  # the hook at layer 3
+    records = {}
+    for size in (2, 4):
+        run = str(tmp_path / f"run{size}")
+        evaluate(store, run, [str(sae_dir)], EvalOptions(batch_size=size, max_seqs=8, sensitivity=True, probes=2))
+        records[size] = read_table(run, "tokens").sort("seq", "pos")
+    a, b = records[2], records[4]
+    assert a["seq"].to_list() == b["seq"].to_list() and a.height == 8 * 64
+    random = [f"{m}_{name}" for name in BASELINES for m in ("ce", "kl", "fo", "swd")] + ["iso_sens"]
+    assert set(random) <= set(a.columns)
+    for col in random:
+        np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=col)

@@ -376,3 +376,34 @@ def test_a_resumed_harvest_removes_the_chunk_files_a_killed_writer_left(small_st
     unrelated.write_text("mine")
     harvest(str(out), HarvestOptions(hooks=HOOKS, seq_len=64, tokens=24 * 64, batch_size=8, split="train"))
     assert not left.exists() and unrelated.exists()
+
+
+def test_the_store_records_the_device_and_the_versions_that_computed_it(tmp_path):
+    out = str(tmp_path / "s.zarr")
+    harvest(out, HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=4))
+    attrs = zarr.open_group(out, mode="r").attrs
+    runtime = attrs["model"]["runtime"]
+    assert runtime["torch"] == torch.__version__ and runtime["cuda"] == torch.version.cuda
+    assert runtime["device_name"]  # the CPU's (platform) name here; torch.cuda.get_device_name on a GPU
+    assert "runtime" not in attrs["settings"] and attrs["settings"]["device"] == "cpu"  # settings stay comparable
+
+
+def test_a_resume_under_another_torch_warns_in_one_line_and_ends_bit_identical(tmp_path, capsys):
+    opts = HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=4)
+    ref, out = str(tmp_path / "ref.zarr"), str(tmp_path / "s.zarr")
+    harvest(ref, opts)
+    harvest(out, opts)
+    g = zarr.open_group(out, mode="r+")
+    model = dict(g.attrs["model"])
+    g.attrs["model"] = {**model, "runtime": {**model["runtime"], "torch": "1.0.0-older"}}  # started by another torch
+    _uncommit(out)
+    capsys.readouterr()
+    harvest(out, opts)
+    err = [line for line in capsys.readouterr().err.splitlines() if "another runtime" in line]
+    assert len(err) == 1 and f"torch 1.0.0-older → {torch.__version__}" in err[0]
+    assert "same hardware and versions" in err[0] and "CUDA" not in err[0] and "device" not in err[0].split("(")[1]
+    assert st.committed(st.open_store(out)) == 8 and _same_bytes(out, ref)
+    g.attrs["model"] = model  # the runtime that started it is this one: a resume says nothing
+    _uncommit(out)
+    harvest(out, opts)
+    assert "another runtime" not in capsys.readouterr().err

@@ -26,7 +26,7 @@ from actstore import store as st
 from actstore.draws import check_draws, draw_batch
 from actstore.errors import StoreError, UsageError
 from actstore.geometry import moments, position_rows
-from actstore.metrics import activation_metrics, baselines, rate_and_latents
+from actstore.metrics import activation_metrics, baselines, rate_and_latents, sequence_generators
 from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
 from actstore.patching import Batch, Patcher, batches, place
@@ -397,7 +397,6 @@ def _evaluate_hook(
     who = "" if w.single else f", rank 0 of {w.size}"
     bar = token_bar(progress and w.leader, len(seqs) * seq_len, f"eval {hook} ({plural_saes(len(saes))}{who})")
     for batch in batches(group, model, patcher, seqs, o.batch_size, device):
-        b = int(batch.seqs[0]) // o.batch_size  # the batch's index in one process's order: seeds follow it
         x, x_live, clean = batch.x, batch.x_live, batch.clean
         d = x.shape[2]
         base = {**batch.token_key(), "ce_orig": clean.ce.cpu().numpy()}
@@ -405,7 +404,7 @@ def _evaluate_hook(
         base["ce_zero"], base["kl_zero"] = clean.score(patcher.logits(batch.tokens, zero))
         sens = None
         if o.sensitivity:  # shared by every SAE of the hook: the gradient and iso_sens's probes
-            probe_gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b + 500_000_009)
+            probe_gen = sequence_generators(o.seed, batch.seqs, "probes")  # per sequence: any batching
             sens = BatchSensitivity(patcher, batch, o.probes, probe_gen, o.patch_pos)
             base |= sens.shared() | sens.columns({"zero": zero})
         for s in saes:
@@ -413,7 +412,7 @@ def _evaluate_hook(
             codes = s.encode(xf)
             xh = s.decode(*codes)
             row = {**base, **activation_metrics(xf, xh, (codes.top_acts != 0).sum(-1), mu)}
-            gen = torch.Generator().manual_seed(o.seed * 1_000_003 + b)
+            gen = sequence_generators(o.seed, batch.seqs, "baselines")  # per sequence: any batching
             patches = {"patched": xh.cpu(), **baselines(xf.cpu(), xh.cpu(), gen)}
             placed = {}
             for name, candidate in patches.items():
@@ -430,11 +429,17 @@ def _evaluate_hook(
             bar.update(x.shape[0] * seq_len)
     if bar is not None:
         bar.close()
-    return {s.sae_id: _frames(s, store_path, collected[s.sae_id], n_seq, o, w) for s in saes}
+    return {s.sae_id: _frames(s, store_path, collected[s.sae_id], n_seq, o, w, patcher.path) for s in saes}
 
 
 def _frames(
-    s: EvalSAE, store_path: str, c: _Collected, n_seq: int, o: EvalOptions, w: distributed.World
+    s: EvalSAE,
+    store_path: str,
+    c: _Collected,
+    n_seq: int,
+    o: EvalOptions,
+    w: distributed.World,
+    patch_path: str | None = None,  # Patcher.path: "suffix" or "full_forward"
 ) -> dict[str, pl.DataFrame]:
     codes = pl.DataFrame({k: np.concatenate([part[k] for part in c.codes]) for k in ("seq", "pos", "latent", "value")})
     dec_norm = s.W_dec.float().norm(dim=-1).cpu().numpy()
@@ -458,7 +463,7 @@ def _frames(
                 "n_tokens": c.n_tokens if everywhere is None else everywhere[1],
                 "seed": o.seed,
                 "patch_pos": o.patch_pos,
-                "options": json.dumps(asdict(o), sort_keys=True),
+                "options": json.dumps({**asdict(o), "patch_path": patch_path}, sort_keys=True),
                 "actstore": __version__,
                 "created": st.now(),
             }

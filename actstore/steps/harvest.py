@@ -28,7 +28,17 @@ from actstore import __version__, atomic, diskspace, distributed, objstore
 from actstore import store as st
 from actstore.corpus import SPLITS, CorpusOptions, corpus_change, corpus_fingerprint, token_sequences
 from actstore.errors import StoreError, UsageError
-from actstore.model import COMPUTE_DTYPES, LoadedModel, capture, check_hooks, check_runtime, load_model, stop_layer
+from actstore.model import (
+    COMPUTE_DTYPES,
+    LoadedModel,
+    capture,
+    check_hooks,
+    check_runtime,
+    load_model,
+    runtime_change,
+    runtime_description,
+    stop_layer,
+)
 from actstore.options import build, csv, option, positive
 from actstore.progress import token_bar
 from actstore.store_writer import StoreWriter, lossy_summary
@@ -257,8 +267,17 @@ def _prepare(out: str, o: HarvestOptions, overwrite: bool, progress: bool) -> tu
     started = bool(st.done_chunks(group).any())
     if started and not _same_corpus(out, group, o.corpus, overwrite):
         return "new", str(atomic.staged(Path(out.rstrip("/"))))  # --overwrite: harvest afresh beside it
-    if not started:  # nothing read from the corpus yet: record it as it is now
+    recorded = dict(group.attrs.get("model", {})).get("runtime") or {}  # none in stores of older versions
+    if not started:  # nothing read from the corpus yet: record it (and what computes it) as it is now
         group.attrs["corpus"] = {**o.corpus_options().to_dict(), "fingerprint": corpus_fingerprint(o.corpus)}
+        group.attrs["model"] = {**group.attrs.get("model", {}), "runtime": runtime_description(o.device)}
+    elif change := runtime_change(recorded, runtime_description(o.device)):
+        # warned, not refused: refusing would leave a store unresumable after a torch upgrade
+        print(
+            f"warning: resuming {target} on another runtime than the one that started it ({change}); a resumed store "
+            "is bit-identical to an uninterrupted harvest only on the same hardware and versions",
+            file=sys.stderr,
+        )
     return "resume", target
 
 
@@ -470,6 +489,7 @@ def _create(
             "config": model.config_summary(),
             "compute_dtype": o.compute_dtype,
             "device": o.device,
+            "runtime": runtime_description(model.device),  # settings say "cuda"; this says which GPU and versions
         },
         "corpus": {**o.corpus_options().to_dict(), "fingerprint": fingerprint},
         "bos_policy": "prepend BOS to every sequence"
