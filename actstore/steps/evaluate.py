@@ -152,7 +152,7 @@ def _evaluate(
     one_writer: bool = False,
 ) -> list[str]:
     """The work of `evaluate`, under its writer lock. Under torchrun each rank evaluates whole units of
-    sequences (chunk-aligned batches, so the batches, and the baselines' draws, are one process's) and
+    sequences (chunk-aligned batches, so no two ranks write one reconstruction chunk; draws are per sequence) and
     writes its share of the per-token tables; rank 0 writes what is about all of them."""
     w = w or distributed.World()
     group = st.open_store(eval_store, mode="r+")
