@@ -428,3 +428,23 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_by_its_sums(small_store, tmp_p
     assert torch.load(ckpt / "state.pt", weights_only=True)["position"] == 0  # torch itself does not notice
     with pytest.raises(StoreError, match=r"state.pt is damaged .*delete .* to restart that sweep"):
         train(small_store, str(run), [SAESpec(HOOKS[0], 4, 2, 512, 0)], TrainOptions(batch_size=128))
+
+
+def test_a_sweep_that_would_not_fit_in_memory_is_refused_with_the_numbers(dict_store, tmp_path, monkeypatch):
+    from actstore import devicemem
+    from actstore.steps.train import sweep_memory
+
+    # the Gemma-size figure, by hand: d = 2,304 at 32× is 2·2,304·73,728 + 73,728 + 2,304 parameters,
+    # 16 bytes each (weights, gradients, Adam's two moments) ≈ 5.44 GB; sixteen of them ≈ 87 GB
+    gemma = SAESpec("h", 32, 32, 1, 0)
+    params = 2 * 2304 * 73_728 + 73_728 + 2304
+    assert sweep_memory([gemma], 2304, 1) - 16 * params == 4 * (2 * 73_728 + 3 * 2304)
+    assert 5.4e9 < 16 * params < 5.5e9 and 86e9 < sweep_memory([gemma] * 16, 2304, 4096) < 90e9
+
+    monkeypatch.setattr(devicemem, "free_bytes", lambda device: 10_000)
+    run = tmp_path / "run"
+    with pytest.raises(UsageError) as err:
+        train(dict_store[0], str(run), sweep([HOOK], [4, 8], [2], [2048], [0]), TrainOptions(batch_size=256))
+    msg = str(err.value)
+    assert "\n" not in msg and "2 SAEs" in msg and "10.0 KB is free" in msg and "torchrun" in msg
+    assert not (run / "saes").exists()  # refused before anything was trained

@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from actstore import __version__, atomic, diskspace, distributed, integrity
+from actstore import __version__, atomic, devicemem, diskspace, distributed, integrity
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import StoreError, UsageError
@@ -350,6 +350,13 @@ def _train_hook(
     todo = [s for s in specs if not rundir.is_trained(run, s.sae_id)]
     if not todo:
         return
+    d_in = int(group["acts"][hook].shape[2])
+    devicemem.check_fits(
+        sweep_memory(todo, d_in, o.batch_size),
+        o.device,
+        f"training {plural_saes(len(todo))} of {hook} together",
+        "train fewer at once (fewer --k/--expansion/--seeds values per run), or divide them among GPUs with torchrun",
+    )
     share = None if w.single or o.data_parallel else f"{w.rank}of{w.size}"
     ckpt_path = rundir.checkpoint_path(run, hook, store, share)
     ckpt = _load_checkpoint(ckpt_path, o.device) if ckpt_path.exists() else None
@@ -361,7 +368,6 @@ def _train_hook(
     ckpt_key = _key(members, wanted)
     total = max(s.tokens for s in members)
 
-    d_in = group["acts"][hook].shape[2]
     if ckpt is None:
         first = next(iter(ActivationLoader(store, hook, first_batch, o.loader(), device=o.device)))
         b_dec = geometric_median(first.float())
@@ -414,6 +420,18 @@ def _train_hook(
             )
     if writes:
         atomic.remove(ckpt_path)
+
+
+def sweep_memory(specs: list[SAESpec], d_in: int, batch_size: int) -> int:
+    """Bytes a pass training `specs` together holds on its device: every SAE's float32 weights, gradients
+    and Adam's two moments (16 bytes a parameter; gradients are freed between steps but reach their
+    peak together in one step), plus the largest single step's activations: the batch, the encoder's dense
+    pre-activations (batch × d_sae, and their top-k bookkeeping) and the reconstruction."""
+    if not specs:
+        return 0
+    held = sum(16 * (2 * d_in * s.expansion * d_in + s.expansion * d_in + d_in) for s in specs)
+    step = max(4 * batch_size * (2 * s.expansion * d_in + 3 * d_in) for s in specs)
+    return held + step
 
 
 def _checkpoint_due(last: float, o: TrainOptions, w: distributed.World) -> bool:
