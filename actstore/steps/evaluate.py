@@ -207,7 +207,8 @@ def _evaluate(
         # decided before anyone writes: the SAE's codes do not depend on where eval patched
         skip_codes = {s.sae_id: part != "0" and rundir.has_part(run, "codes", s.sae_id) for s in hook_saes}
         skip_codes = distributed.broadcast(skip_codes, w)
-        if one_writer and not w.single:  # the ranks' rows meet on rank 0, which writes them as one process
+        gathered = one_writer and not w.single
+        if gathered:  # the ranks' rows meet on rank 0, which writes them as one process
             for s in hook_saes:
                 mine = frames[s.sae_id]
                 shares = distributed.gather({t: f for t, f in mine.items() if t not in _ABOUT_ALL}, w)
@@ -215,7 +216,7 @@ def _evaluate(
                     whole = {t: pl.concat([share_[t] for share_ in shares]) for t in shares[0]}
                     whole |= {t: mine[t] for t in _ABOUT_ALL}
                     _write_sae(run, s, group, whole, part, None, skip_codes[s.sae_id], s.sae_id not in known_ids)
-        for turn in range(0 if one_writer else w.size):  # ranks write their shares in turn, rank 0 first
+        for turn in range(0 if gathered else w.size):  # ranks write their shares in turn, rank 0 first
             if turn == w.rank:
                 for s in hook_saes:
                     _write_sae(
