@@ -51,12 +51,15 @@ def resolve(run_or_bundle: str) -> Path:
     return path
 
 
-def setup_statements(root: Path) -> list[str]:
+def setup_statements(root: Path, needed_by: str | None = None) -> list[str]:
     """The SQL that opens a run: a view per records table (an empty typed view for a table the run lacks,
-    so a query reads it in a branch a parameter switches off), then the shared macros. `connect` and the
-    duckdb shell both run it."""
-    statements = []
+    so a query reads it in a branch a parameter switches off), then the shared macros (those `needed_by`
+    uses, where given, and only the views they read). `connect` and the duckdb shell both run it."""
+    shared = macros(needed_by)
+    statements, used = [], None if needed_by is None else needed_by + shared
     for view, table, where in views():  # partition keys stay text: a hash or an sae_id of digits is not a number
+        if used is not None and not re.search(rf"\b{view}\b", used):
+            continue  # binding a view reads every file's footer: a named query opens only what it reads
         parts = rundir.part_files(root, table)
         if parts and where and not _has_column(parts, where.split()[0]):  # records older than the filter's column
             if "NOT NULL" in where:
@@ -72,7 +75,7 @@ def setup_statements(root: Path) -> list[str]:
             )
         else:
             statements.append(f"CREATE VIEW {view} AS {empty_view_sql(table)};")
-    statements.append(macros())
+    statements += [shared] if shared else []  # a query that calls no macro needs none
     return statements
 
 
@@ -80,12 +83,33 @@ def _has_column(parts: list[Path], column: str) -> bool:
     return any(column in pl.read_parquet_schema(p) for p in parts)
 
 
-def macros() -> str:
-    """The shared macros of the named queries (`sql/_macros.sql`)."""
-    return (files("actstore.sql") / "_macros.sql").read_text()
+_MACRO = re.compile(r"CREATE OR REPLACE MACRO (\w+)\(")
 
 
-def connect(run_or_bundle: str):
+def macros(needed_by: str | None = None) -> str:
+    """The shared macros of the named queries (`sql/_macros.sql`); with `needed_by` (a query's text) only
+    those it calls, directly or through another macro, in the file's order.
+
+    Why the subset: DuckDB binds each macro as it is created, about 0.15 s of CPU for the whole file, paid
+    on every `query` call; a named query uses a few of them.
+    """
+    text = (files("actstore.sql") / "_macros.sql").read_text()
+    if needed_by is None:
+        return text
+    import duckdb
+
+    defined = {_MACRO.search(st.query).group(1): st.query for st in duckdb.extract_statements(text)}
+    want, todo = set(), [needed_by]
+    while todo:
+        body = todo.pop()
+        for name in defined.keys() - want:
+            if re.search(rf"\b{name}\s*\(", body):
+                want.add(name)
+                todo.append(defined[name])
+    return "\n".join(f"{q.strip()};" for name, q in defined.items() if name in want)
+
+
+def connect(run_or_bundle: str, needed_by: str | None = None):
     """An in-memory DuckDB connection with the views and macros of `setup_statements`, confined to the run.
 
     Once the views exist DuckDB's own switches lock it down: files are readable only inside the run (or
@@ -98,7 +122,7 @@ def connect(run_or_bundle: str):
     rundir.check_records(root)  # a flipped byte in a Parquet page would read as data
     con = duckdb.connect()
     con.execute("SET enable_progress_bar = false")  # DuckDB draws one on stdout for queries over ~2 s
-    for statement in setup_statements(root):
+    for statement in setup_statements(root, needed_by):
         con.execute(statement)
     con.execute(f"SET allowed_directories = [{_quoted(str(root) + '/')}]")
     con.execute("SET autoinstall_known_extensions = false")
@@ -227,7 +251,7 @@ def query(run: str, name: str, **params: Any) -> pl.DataFrame:
         raise UsageError(f"{name} has no parameter {', '.join(unknown)}; it takes: {', '.join(q.params) or 'none'}")
     for key, value in params.items():
         check_param(name, key, value, q.params[key][0])
-    return run_sql(connect(run), q.text, params)
+    return run_sql(connect(run, q.text), q.text, params)
 
 
 # Parameters that count something: (smallest allowed value, integer?). The rest are typed by their default.

@@ -8,11 +8,14 @@ top eigen-direction first, since one outlier direction (common in residual strea
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
+import torch
 
 from actstore import store as st
 from actstore.model import hook_layer
@@ -33,22 +36,51 @@ class Moments:
     pos_sum: np.ndarray  # (seq_len, d): Σ x over the tokens at each position, for μ of a position selection
 
 
-def moments(group: Any, hook: str, n_seq: int, chunk: int = 64) -> Moments:
-    """The moments of a hook's first n_seq sequences, streamed.
+def accum_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 wherever the device has it (CPU, CUDA); Apple's MPS has no float64, so float32 there."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterable[T]) -> Iterator[T]:
+    """`items`, each produced in a background thread while the caller works on the previous one.
+
+    Why: reading and decoding a chunk of the store (zarr codecs release the GIL) overlaps the device's
+    work on the one before, so streaming costs about max(read, compute) rather than their sum.
+    """
+    it = iter(items)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(next, it, None)
+        while (item := ahead.result()) is not None:
+            ahead = pool.submit(next, it, None)
+            yield item
+
+
+def moments(group: Any, hook: str, n_seq: int, chunk: int = 64, *, device: str = "cpu") -> Moments:
+    """The moments of a hook's first n_seq sequences, streamed chunk by chunk, summed on `device`.
 
     Eval takes its eval-set mean μ (for sst) and the per-position sums (the `positions` table, so a
     position filter can re-centre SST on its own mean) from here too, so the store is read once for all.
+    Sums are float64 (`accum_dtype`): products of float32 values are exact in it, so a GPU gives the
+    CPU's numbers to rounding of the sums' order.
     """
     d, seq_len = int(group["acts"][hook].shape[2]), int(group["acts"][hook].shape[1])
-    xtx, pos_sum, n = np.zeros((d, d)), np.zeros((seq_len, d)), 0
-    for s in range(0, n_seq, chunk):
-        x = st.read_acts(group, hook, slice(s, min(s + chunk, n_seq))).astype(np.float64)
+    dtype = accum_dtype(device)
+    xtx = torch.zeros((d, d), dtype=dtype, device=device)
+    pos_sum = torch.zeros((seq_len, d), dtype=dtype, device=device)
+    n = 0
+    spans = (slice(s, min(s + chunk, n_seq)) for s in range(0, n_seq, chunk))
+    for part in prefetched(st.read_acts(group, hook, span) for span in spans):
+        x = torch.from_numpy(part).to(device=device, dtype=dtype)
         pos_sum += x.sum(0)
         x = x.reshape(-1, d)
-        xtx += x.T @ x
+        xtx.addmm_(x.T, x)
         n += len(x)
     mean = pos_sum.sum(0) / n
-    return Moments(mean, xtx / n - np.outer(mean, mean), n, pos_sum)
+    cov = xtx / n - torch.outer(mean, mean)
+    return Moments(mean.cpu().numpy(), cov.cpu().numpy(), n, pos_sum.cpu().numpy())
 
 
 def position_rows(store: str, hook: str, m: Moments, n_seq: int) -> pl.DataFrame:

@@ -13,6 +13,8 @@ sums, resample counts drawn in blocks, one matmul per block, percentiles): its p
 SQL's, its CIs differ by Monte Carlo error only; (c) `scipy.stats.bootstrap` (percentile, 5,000 resamples
 of sequences, paired per-sequence sums, vectorized, all ten statistics) for each SAE at 1×, reads included.
 Goal: SQL at 1× well under a second and within 2× of numpy; peak RSS at 100× far below the records'.
+CPU seconds (user + system, all threads, medians) are shown beside wall time: on a shared machine the
+wall-time ratio moves with the load (DuckDB runs on every core, numpy mostly on one); the CPU ratio does not.
 The last line is one JSON object of the headline figures.
 """
 
@@ -38,6 +40,7 @@ SAES = [(layer, k, s) for layer in (1, 3, 5) for k in (8, 16, 32, 64) for s in (
 SUMS = "n n_kl sse sst ce_orig ce_patched ce_zero kl_patched kl_zero cos relerr l0 rate_bits".split()  # per sequence
 STATS = "r2 ce_rec ce_loss_recovered kl kl_score cos relerr mse l0 rate_bits".split()  # the summary's, with CIs
 HEADLINE = dict(sql_vs_numpy="SQL / numpy", scipy_vs_sql="scipy / SQL", sql_s="SQL summary s", numpy_s="numpy s")
+HEADLINE |= dict(sql_vs_numpy_cpu="SQL / numpy CPU", sql_cpu_s="SQL CPU s", numpy_cpu_s="numpy CPU s")
 HEADLINE |= dict(numpy_no_alive_s="numpy s, no alive", scipy_s="scipy s", peak_rss_mb="SQL peak RSS MB")
 HEADLINE |= dict(numpy_peak_rss_mb="numpy peak RSS MB", records_mb="records on disk MB")  # JSON key: table row
 
@@ -165,11 +168,17 @@ def scipy_all(run: Path, np_df: pl.DataFrame) -> tuple[float, float]:
     return secs, diff
 
 
+def cpu_s() -> float:
+    """This process's CPU seconds (all threads): steadier than wall time on a shared, loaded machine."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def child(kind: str, run: str, repeats: int, out: str) -> None:
-    """Run one measurement `repeats` times in this (fresh) process; print times and peak RSS."""
-    times = []
+    """Run one measurement `repeats` times in this (fresh) process; print wall and CPU times and peak RSS."""
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         if kind == "sql":
             df = an.query(run, "summary", n_boot=N_BOOT, seed=0)
         elif kind == "sql_alive":  # the summary's `alive` CTE alone (all positions: the latents table)
@@ -177,12 +186,18 @@ def child(kind: str, run: str, repeats: int, out: str) -> None:
         else:
             df = numpy_summary(Path(run), alive=kind == "numpy")
         times.append(time.perf_counter() - t0)
+        cpus.append(cpu_s() - c0)
     df.write_parquet(out)
-    print(json.dumps(dict(times=times, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(times=times, cpus=cpus, rss_mb=rss)))
+
+
+CPU: dict[tuple[str, str], float] = {}  # (kind, run) → median CPU seconds of its last measurement
 
 
 def measure(kind: str, run: Path, repeats: int) -> tuple[float | None, float | None, pl.DataFrame | None]:
-    """(median seconds, peak RSS MB, result) of a child process; Nones (and the error on stderr) if it fails."""
+    """(median seconds, peak RSS MB, result) of a child process; Nones (and the error on stderr) if it fails.
+    The median CPU seconds go to CPU."""
     out = Path(tempfile.mkdtemp()) / "result.parquet"
     cmd = [sys.executable, __file__, "--child", kind, str(run), str(repeats), str(out)]
     try:  # the child's stderr (tracebacks) goes to ours
@@ -190,6 +205,7 @@ def measure(kind: str, run: Path, repeats: int) -> tuple[float | None, float | N
     except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as exc:  # reported, never raised
         print(f"{kind} on {run} failed: {exc!r}", file=sys.stderr)
         return None, None, None
+    CPU[kind, str(run)] = float(np.median(res["cpus"]))
     return float(np.median(res["times"])), res["rss_mb"], pl.read_parquet(out)
 
 
@@ -225,6 +241,8 @@ def main() -> None:
         n_cols = len(pq.read_schema(rec.part_files(run, "tokens")[0]).names)
         row = {"scale": f"{scale}×", "token rows": f"{n_tok / 1e6:.1f}M", "SQL summary s": sql_s, "numpy s": np_s}
         row |= {"SQL / numpy": sql_s / np_s if ok else None, "SQL alive part s": measure("sql_alive", run, reps)[0]}
+        cpu = (CPU.get(("sql", str(run))), CPU.get(("numpy", str(run))))
+        row |= {"SQL CPU s": cpu[0], "numpy CPU s": cpu[1], "SQL / numpy CPU": cpu[0] / cpu[1] if ok else None}
         if scale == 1 and ok:
             row["numpy s, no alive"] = measure("numpy_stats", run, reps)[0]
             scipy_s, ci_diff = sorted(scipy_all(run, np_df) for _ in range(reps))[reps // 2]

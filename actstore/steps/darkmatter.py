@@ -16,6 +16,7 @@ It reads eval's records and reconstructions and writes its own tables (`darkmatt
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from actstore import atomic, diskspace, distributed, integrity, objstore
 from actstore import run as rundir
 from actstore import store as st
 from actstore.errors import UsageError
+from actstore.geometry import accum_dtype, prefetched
 from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
 from actstore.patching import Patcher, batches, place
@@ -42,70 +44,255 @@ from actstore.writer_lock import exclusive
 PROBES = ("linear", "affine")  # 004 Eq. 10/11: y ≈ b·x (linear); affine adds an intercept (our earlier choice)
 
 
-def fit_affine(x: np.ndarray, y: np.ndarray, intercept: bool = True) -> np.ndarray:
-    """Least squares y ≈ [x, 1] @ W (float64); W has d_x + 1 rows, the last the intercept (0 without one)."""
-    x = x.astype(np.float64)
+CHUNK_TOKENS = 1 << 13  # tokens per chunk of the fits: a few (8k × d) float64 tensors, ~150 MB each at d = 2304
+
+Chunk = dict[str, torch.Tensor]  # "x", "xh" (n, d) and "fit" (n,) bool; "xh_prev" (n, d) with --prev-layer
+Source = Callable[[], Iterator[Chunk]]  # a fresh pass over the tokens on each call
+
+
+def _z(x: torch.Tensor) -> torch.Tensor:
+    """[x, 1]: the regressors and the intercept's column."""
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1)
+
+
+def _plus(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total.add_(part)
+
+
+def _sq(v: torch.Tensor) -> torch.Tensor:
+    return (v * v).sum(1)
+
+
+def _centred(gram: torch.Tensor, cross: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(n, μ, ȳ, Σ(x−μ)(x−μ)ᵀ, Σ(x−μ)(y−ȳ)ᵀ) from the sums of z = [x, 1]: z's last column counts and sums."""
+    n = gram[-1, -1]
+    mu, ybar = gram[:-1, -1] / n, cross[-1] / n
+    return n, mu, ybar, gram[:-1, :-1] - n * torch.outer(mu, mu), cross[:-1] - n * torch.outer(mu, ybar)
+
+
+def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a⁻¹b for a symmetric positive semi-definite a (a Gram matrix), accurately and stably.
+
+    Cholesky of the Jacobi-scaled a (unit diagonal: columns of very different scales do not spoil the
+    pivots), then one step of iterative refinement on the unscaled system. Where a is numerically singular
+    (a dead dimension, collinear regressors) the minimum-norm solution through its eigenvalues, as lstsq
+    gives: an eigenvalue below d·ε of the largest counts as zero.
+    """
+    diag = a.diagonal().clamp_min(0).sqrt()
+    s = torch.where(diag > 0, 1 / diag, torch.ones_like(diag))[:, None]
+    chol, info = torch.linalg.cholesky_ex(a * s * s.T)
+    pivots = chol.diagonal() ** 2
+    eps = torch.finfo(a.dtype).eps
+    if int(info) == 0 and bool(pivots.min() > len(a) * eps * pivots.max()):
+        x = s * torch.cholesky_solve(b * s, chol)
+        return x + s * torch.cholesky_solve((b - a @ x) * s, chol)
+    lam, v = torch.linalg.eigh(a)
+    keep = lam > len(a) * eps * lam.max().clamp_min(torch.finfo(a.dtype).tiny)
+    return v[:, keep] @ ((v[:, keep].T @ b) / lam[keep, None])
+
+
+def solve(gram: torch.Tensor, cross: torch.Tensor, intercept: bool) -> torch.Tensor:
+    """Least-squares W of y ≈ [x, 1] @ W from the fit side's sums (d + 1 rows, the last the intercept, 0
+    without one). With an intercept the system is solved centred: the mean's direction, often far larger
+    than the spread in a residual stream, would otherwise dominate the Gram matrix's conditioning."""
     if not intercept:
-        w = np.linalg.lstsq(x, y.astype(np.float64), rcond=None)[0]
-        return np.concatenate([w, np.zeros_like(w[:1])])
-    a = np.hstack([x, np.ones((len(x), 1))])
-    return np.linalg.lstsq(a, y.astype(np.float64), rcond=None)[0]
+        w = spd_solve(gram[:-1, :-1], cross[:-1])
+        return torch.cat([w, torch.zeros_like(w[:1])])
+    _, mu, ybar, sxx, sxy = _centred(gram, cross)
+    w = spd_solve(sxx, sxy)
+    return torch.cat([w, (ybar - mu @ w)[None]])
 
 
-def apply_affine(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float64) @ w[:-1] + w[-1]
+class Sums:
+    """Normal-equation sums of one regressor x and named targets y, the fit and the test sides apart.
+
+    Why: ZᵀZ and Zᵀy (z = [x, 1]) are all a least-squares fit needs, and with the test side's Σy² all its
+    held-out R² needs too, in O(d²) memory; lstsq on the (n, d + 1) float64 matrix took O(n·d) (18 GB for
+    1M tokens at d = 2304). The Gram matrices depend on x alone, so one is shared by every fit on x, and
+    across the SAEs of a hook (`gram`).
+    """
+
+    def __init__(self, gram: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.gram: list[torch.Tensor | None] = list(gram) if gram is not None else [None, None]  # fit, test
+        self.known = gram is not None
+        self.cross: dict[str, list[torch.Tensor | None]] = {}
+        self.sq: dict[str, torch.Tensor] = {}  # the test side's Σy² per column
+
+    def add(self, x: torch.Tensor, fit: torch.Tensor, targets: dict[str, torch.Tensor], gram: bool = True) -> None:
+        z = _z(x)
+        sides = (z[fit], z[~fit])
+        if gram and not self.known:
+            for k, zk in enumerate(sides):
+                self.gram[k] = _plus(self.gram[k], zk.T @ zk)
+        for name, y in targets.items():
+            y = y.reshape(len(z), -1)
+            ys = (y[fit], y[~fit])
+            cross = self.cross.setdefault(name, [None, None])
+            for k, zk in enumerate(sides):
+                cross[k] = _plus(cross[k], zk.T @ ys[k])
+            self.sq[name] = _plus(self.sq.get(name), (ys[1] * ys[1]).sum(0))
+
+    def n(self, side: int) -> int:
+        return int(self.gram[side][-1, -1])
+
+    def coef(self, name: str, intercept: bool) -> torch.Tensor:
+        return solve(self.gram[0], self.cross[name][0], intercept)
+
+    def residual(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Per column, Σ (y − [x, 1] @ W)² over the test side, from its sums, in centred form: the terms
+        cancel down to the residual from the size of the spread, not of the raw values."""
+        n, mu, ybar, sxx, sxy = _centred(self.gram[1], self.cross[name][1])
+        b, off = w[:-1], mu @ w[:-1] + w[-1] - ybar
+        return self.total(name) - 2 * (b * sxy).sum(0) + ((sxx @ b) * b).sum(0) + n * off * off
+
+    def total(self, name: str) -> torch.Tensor:
+        """Per column, Σ (y − ȳ)² over the test side (ȳ: the test side's mean, as R² takes it)."""
+        c = self.cross[name][1]
+        return self.sq[name] - c[-1] * c[-1] / self.gram[1][-1, -1]
+
+    def r2(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return 1 - self.residual(name, w) / self.total(name)
+
+    def sst(self) -> torch.Tensor:
+        """Σ ‖x − x̄‖² over the test side: the FVU's denominator."""
+        g = self.gram[1]
+        mu = g[:-1, -1] / g[-1, -1]
+        return g.diagonal()[:-1].sum() - g[-1, -1] * (mu * mu).sum()
 
 
-def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Per-column 1 − SS_res/SS_tot (a 1-D y gives a scalar)."""
-    return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+def _float(v: torch.Tensor) -> float:
+    return float(v.mean())
 
 
-def analyse(
-    x: np.ndarray, xh: np.ndarray, fit: np.ndarray, probe: str = "linear"
-) -> tuple[dict[str, float], np.ndarray]:
-    """Dark-matter numbers of one SAE on (n, d) tokens; `fit` marks the fit split; `probe` is one of PROBES.
-    Returns (row, W)."""
-    e = x - xh
-    test = ~fit
-    intercept = probe == "affine"
-    w = fit_affine(x[fit], e[fit], intercept)
-    lin = apply_affine(w, x[test])
-    nonlin = e[test] - lin
-    sst = ((x[test] - x[test].mean(0)) ** 2).sum()
-    targets = {
-        "err": (e**2).sum(1),
-        "x": (x.astype(np.float64) ** 2).sum(1),
-        "recon": (xh.astype(np.float64) ** 2).sum(1),
-    }
-    nonlin_all = e - apply_affine(w, x)
-    targets["nonlinear"] = (nonlin_all**2).sum(1)
+def array_source(
+    arrays: dict[str, np.ndarray], fit: np.ndarray, device: str = "cpu", rows: int = CHUNK_TOKENS
+) -> Source:
+    """Chunks of in-memory (n, d) token arrays, on `device` in its accumulation dtype."""
+    dtype = accum_dtype(device)
+
+    def chunks() -> Iterator[Chunk]:
+        for s in range(0, len(fit), rows):
+            part = slice(s, s + rows)
+            out = {k: torch.from_numpy(np.ascontiguousarray(v[part])).to(device, dtype) for k, v in arrays.items()}
+            yield out | {"fit": torch.from_numpy(np.asarray(fit[part], dtype=bool)).to(device)}
+
+    return chunks
+
+
+def store_source(
+    group: Any, hook: str, sae_id: str, n_seq: int, min_pos: int, device: str, prev: tuple[str, str] | None = None
+) -> Source:
+    """Chunks of whole sequences of the eval store, positions ≥ min_pos: x, eval's x̂ (and the x̂ of the SAE
+    `prev` = (hook, sae_id) one layer below), read one chunk ahead; even sequences fit, odd ones score."""
+    seq_len = int(group["tokens"].shape[1]) - min_pos
+    per, dtype = max(1, CHUNK_TOKENS // seq_len), accum_dtype(device)
+
+    def read(span: slice) -> dict[str, np.ndarray]:
+        out = {"x": st.read_acts(group, hook, span), "xh": read_recon(group, hook, sae_id, span)}
+        if prev is not None:
+            out["xh_prev"] = read_recon(group, prev[0], prev[1], span)
+        out = {k: v[:, min_pos:].reshape(-1, v.shape[2]) for k, v in out.items()}
+        return out | {"fit": np.repeat(np.arange(span.start, span.stop) % 2 == 0, seq_len)}
+
+    def chunks() -> Iterator[Chunk]:
+        spans = (slice(s, min(n_seq, s + per)) for s in range(0, n_seq, per))
+        for part in prefetched(read(span) for span in spans):
+            yield {k: torch.from_numpy(v).to(device, torch.bool if k == "fit" else dtype) for k, v in part.items()}
+
+    return chunks
+
+
+def probe_row(s: Sums, w: torch.Tensor, intercept: bool) -> dict[str, float]:
+    """The first pass's numbers: the error probe's vector R² and FVU split, and three norm predictions."""
+    sst = s.sst()
     row = {
-        "n_fit": int(fit.sum()),
-        "n_test": int(test.sum()),
-        "vector_r2": float(np.mean(r2_score(e[test].astype(np.float64), lin))),
-        "fvu": float((e[test].astype(np.float64) ** 2).sum() / sst),
-        "fvu_nonlinear": float((nonlin**2).sum() / sst),
+        "n_fit": s.n(0),
+        "n_test": s.n(1),
+        "vector_r2": _float(s.r2("e", w)),
+        "fvu": float(s.sq["e"].sum() / sst),
+        "fvu_nonlinear": float(s.residual("e", w).sum() / sst),
     }
     # 004 (Fig. 1): the linear part is what the nonlinear error leaves of the FVU. ‖LinearError‖²/SST would not
     # add up on held-out data (the cross term 2Σ⟨lin, nonlin⟩ is zero only on the fit split).
     row["fvu_linear"] = row["fvu"] - row["fvu_nonlinear"]
-    for name, y in targets.items():
-        wn = fit_affine(x[fit], y[fit], intercept)
-        row[f"norm_r2_{name}"] = float(r2_score(y[test], apply_affine(wn, x[test])))
-    return row, w
+    for name in ("err", "x", "recon"):
+        row[f"norm_r2_{name}"] = float(s.r2(name, s.coef(name, intercept))[0])
+    return row
 
 
-def pursuit_row(sae: EvalSAE, x: np.ndarray, fit: np.ndarray, probe: str = "linear") -> dict[str, float]:
-    """FVU and nonlinear FVU of gradient pursuit's reconstructions at each token's own L0 (004 §6.1): the
-    probe refitted on them, scored on the same held-out tokens as the SAE's own numbers."""
-    xt = torch.from_numpy(x).float()
-    w_dec, b_dec = sae.W_dec.detach().float().cpu(), sae.b_dec.detach().float().cpu()
+def _prev_targets(c: Chunk, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the x̂ of the SAE below predicts: this SAE's error, its LinearError and its NonlinearError."""
+    e = c["x"] - c["xh"]
+    linear = _z(c["x"]) @ w
+    return {"err": e, "linear": linear, "nonlinear": e - linear}
+
+
+def _prev_row(p: Sums, intercept: bool) -> dict[str, float]:
+    return {f"prev_r2_{name}": _float(p.r2(name, p.coef(name, intercept))) for name in ("err", "linear", "nonlinear")}
+
+
+def analyse_source(
+    source: Source,
+    probe: str = "linear",
+    *,
+    pursuit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prev: bool = False,
+    gram: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict[str, float], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Dark-matter numbers of one SAE in two streamed passes; returns (row, W, x's Gram matrices).
+
+    Pass 1 sums the fits of e, ‖e‖², ‖x‖², ‖x̂‖² (and pursuit's error: `pursuit` maps x to its
+    reconstruction); pass 2, given the probe W, those of ‖NonlinearError‖² (and, with `prev`, the fits from
+    the x̂ of the SAE below). `gram`: x's Gram matrices from an earlier SAE on the same tokens.
+    """
+    intercept = probe == "affine"
+    s = Sums(gram)
+    for c in source():
+        x, xh = c["x"], c["xh"]
+        e = x - xh
+        targets = {"e": e, "err": _sq(e), "x": _sq(x), "recon": _sq(xh)}
+        if pursuit is not None:
+            targets["pursuit"] = x - pursuit(x)
+        s.add(x, c["fit"], targets)
+    w = s.coef("e", intercept)
+    row = probe_row(s, w, intercept)
+    below = Sums()
+    for c in source():
+        nonlinear = c["x"] - c["xh"] - _z(c["x"]) @ w
+        s.add(c["x"], c["fit"], {"nonlinear": _sq(nonlinear)}, gram=False)
+        if prev:
+            below.add(c["xh_prev"], c["fit"], _prev_targets(c, w))
+    row["norm_r2_nonlinear"] = float(s.r2("nonlinear", s.coef("nonlinear", intercept))[0])
+    if pursuit is not None:
+        sst = s.sst()
+        row["fvu_pursuit"] = float(s.sq["pursuit"].sum() / sst)
+        row["fvu_nonlinear_pursuit"] = float(s.residual("pursuit", s.coef("pursuit", intercept)).sum() / sst)
+    if prev:
+        row |= _prev_row(below, intercept)
+    return row, w, (s.gram[0], s.gram[1])
+
+
+def analyse(
+    x: np.ndarray, xh: np.ndarray, fit: np.ndarray, probe: str = "linear", device: str = "cpu"
+) -> tuple[dict[str, float], np.ndarray]:
+    """Dark-matter numbers of one SAE on in-memory (n, d) tokens; `fit` marks the fit split; `probe` is one
+    of PROBES. Returns (row, W)."""
+    row, w, _ = analyse_source(array_source({"x": x, "xh": xh}, fit, device), probe)
+    return row, w.cpu().numpy()
+
+
+def pursuer(sae: EvalSAE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x → gradient pursuit's reconstruction at each token's own L0 (004 §6.1), on the CPU in float32 as
+    the SAE runs; the probe is then refitted on it and scored on the same held-out tokens as the SAE's own."""
     cpu_sae = sae.to("cpu")
-    l0 = torch.cat([(cpu_sae.encode(part).top_acts != 0).sum(-1) for part in xt.split(4096)])
-    x_gp = gradient_pursuit(xt, w_dec, b_dec, l0).numpy()
-    gp, _ = analyse(x, x_gp, fit, probe)
-    return {"fvu_pursuit": gp["fvu"], "fvu_nonlinear_pursuit": gp["fvu_nonlinear"]}
+    w_dec, b_dec = sae.W_dec.detach().float().cpu(), sae.b_dec.detach().float().cpu()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        xt = x.float().cpu()
+        l0 = torch.cat([(cpu_sae.encode(part).top_acts != 0).sum(-1) for part in xt.split(4096)])
+        return gradient_pursuit(xt, w_dec, b_dec, l0).to(x.device, x.dtype)
+
+    return run
 
 
 def previous_sae(evaluated: pl.DataFrame, sae: dict[str, Any]) -> dict[str, Any]:
@@ -136,13 +323,11 @@ def previous_layer_r2(
 ) -> dict:
     """Held-out R² (mean over dimensions, like vector_r2) of maps (of the `probe` form) from the previous
     layer's SAE output to this SAE's error, its LinearError and its NonlinearError."""
-    e = (x - xh).astype(np.float64)
-    linear = apply_affine(w, x)
-    out = {}
-    for name, y in (("err", e), ("linear", linear), ("nonlinear", e - linear)):
-        wp = fit_affine(xh_prev[fit], y[fit], probe == "affine")
-        out[f"prev_r2_{name}"] = float(np.mean(r2_score(y[~fit], apply_affine(wp, xh_prev[~fit]))))
-    return out
+    below = Sums()
+    wt = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    for c in array_source({"x": x, "xh": xh, "xh_prev": xh_prev}, fit)():
+        below.add(c["xh_prev"], c["fit"], _prev_targets(c, wt.to(c["x"].dtype)))
+    return _prev_row(below, probe == "affine")
 
 
 ERROR_PARTS = ("sae_error", "linear_error", "nonlinear_error")
@@ -295,6 +480,7 @@ def _darkmatter(
     evaluated = every if only is None else every.filter(pl.col("sae_id").is_in(sorted(only)))
     below = {r["sae_id"]: previous_sae(every, r) for r in evaluated.iter_rows(named=True)} if options.prev_layer else {}
     models: dict[str, LoadedModel] = {}
+    grams: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     rows = []
     everyone = list(evaluated.iter_rows(named=True))
     distributed.agreed(lambda: distributed.check_world_fits(len(everyone), world, "evaluated SAEs to analyse"), world)
@@ -310,24 +496,23 @@ def _darkmatter(
             raise UsageError(
                 f"--min-pos {options.min_pos} leaves no position of {sae['store']} (sequences of {group['tokens'].shape[1]})"
             )
-        x = st.read_acts(group, hook, slice(0, n_seq))[:, options.min_pos :]
-        xh = read_recon(group, hook, sae_id, slice(0, n_seq))[:, options.min_pos :]
-        seq_len, d = x.shape[1], x.shape[2]
-        fit = np.repeat(np.arange(n_seq) % 2 == 0, seq_len)  # even sequences fit, odd ones score
-        x, xh = x.reshape(-1, d), xh.reshape(-1, d)
-        row, w = analyse(x, xh, fit, options.probe)
         here = rundir.sae_dir(run, sae_id)  # the run's own copy (a run on object storage records its cache's path)
         eval_sae = load_eval_sae(sae["path"] if Path(sae["path"]).is_dir() or not here.is_dir() else here, sae_id)
-        if options.pursuit:
-            row |= pursuit_row(eval_sae, x, fit, options.probe)
-        if options.prev_layer:
-            prev = below[sae_id]
-            xh_prev = read_recon(group, prev["hook"], prev["sae_id"], slice(0, n_seq))[:, options.min_pos :]
-            row |= {
-                "prev_sae_id": prev["sae_id"],
-                **previous_layer_r2(xh_prev.reshape(-1, d), x, xh, w, fit, options.probe),
-            }
-        del x, xh
+        prev = below.get(sae_id)
+        source = store_source(
+            group, hook, sae_id, n_seq, options.min_pos, device, prev and (prev["hook"], prev["sae_id"])
+        )
+        key = (sae["store"], hook, n_seq, options.min_pos)  # x's Gram matrices: the same for every SAE of a hook
+        row, wt, grams[key] = analyse_source(
+            source,
+            options.probe,
+            pursuit=pursuer(eval_sae) if options.pursuit else None,
+            prev=prev is not None,
+            gram=grams.get(key),
+        )
+        w = wt.cpu().numpy()
+        if prev is not None:
+            row["prev_sae_id"] = prev["sae_id"]
         if options.write_errors:
             write_errors(group, sae["store"], hook, sae_id, w, int(sae["n_seq"]), options.batch_size)
         probe = rundir.probe_path(run, sae_id)
