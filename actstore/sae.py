@@ -94,14 +94,29 @@ def _sparse_rows(indices: Tensor, values: Tensor, n_cols: int) -> Tensor:
 
 def _by_latent(indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """The (token, latent) entries of `indices` grouped by latent, tokens ascending within a group:
-    (each sorted entry's token, the sort's permutation of the flat entries, each latent's first entry)."""
+    (each sorted entry's token, the sort's permutation of the flat entries, each latent's first entry).
+
+    The offsets come from a binary search of the sorted latents, not a bincount: on CUDA bincount reads
+    its input's max and min back to the host (a sync per call, two calls per step).
+    """
     k = indices.shape[1]
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_rows)
-    offsets = torch.zeros(n_rows, dtype=torch.int64, device=flat.device)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    return order // k, order, offsets
+    ordered, order = torch.sort(indices.reshape(-1), stable=True)
+    return order // k, order, first_at_or_above(ordered, n_rows)
+
+
+def first_at_or_above(ordered: Tensor, n: int) -> Tensor:
+    """For each j < n, where the first entry ≥ j sits in the ascending `ordered` (a sync-free bincount's
+    cumulative sum: the entries below j)."""
+    return torch.searchsorted(ordered, torch.arange(n, device=ordered.device, dtype=ordered.dtype))
+
+
+def count_fired(top_acts: Tensor, top_indices: Tensor, n: int) -> Tensor:
+    """How many of the rows fired each of the n latents (activation > 0), without a host sync: the ReLU'd
+    picks are moved to an (n+1)th count that is dropped. Integer adds, so the order of scatter_add_'s
+    atomic adds cannot change a count (and a 1-D scatter_add_ is allowed under deterministic algorithms)."""
+    fired = torch.where(top_acts > 0, top_indices, n).reshape(-1)
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=fired.device)
+    return counts.scatter_add_(0, fired, torch.ones_like(fired))[:n]
 
 
 def _scatter_rows_t(
@@ -229,8 +244,19 @@ class TopKSAE(nn.Module):
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         return self.decode_rows(top_acts, top_indices, self.W_dec) + self.b_dec
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, total_var: Tensor | None = None) -> ForwardOutput:
-        """`total_var` overrides the batch's own Σ‖x − mean‖² (needed when a batch is too small to have one)."""
+    def forward(
+        self,
+        x: Tensor,
+        dead_mask: Tensor | None = None,
+        total_var: Tensor | None = None,
+        *,
+        dead_latents: Tensor | None = None,
+    ) -> ForwardOutput:
+        """`total_var` overrides the batch's own Σ‖x − mean‖² (needed when a batch is too small to have one).
+
+        The AuxK loss trains the dead latents: `dead_latents` (their indices, ascending) or `dead_mask`
+        (a boolean mask: finding its indices reads the device, which a training step avoids).
+        """
         top_acts, top_indices = self.encode(x)
         recon = self.decode(top_acts, top_indices)
         err = x - recon
@@ -238,14 +264,15 @@ class TopKSAE(nn.Module):
             total_var = (x - x.mean(0)).pow(2).sum()
         total_var = total_var.clamp_min(EPS)
         fvu = err.pow(2).sum() / total_var
+        if dead_latents is None and dead_mask is not None:
+            dead_latents = dead_mask.nonzero().squeeze(1)
         auxk = x.new_zeros(())
-        if dead_mask is not None and bool(dead_mask.any()):
-            auxk = self._auxk_loss(x, err, dead_mask, total_var)
+        if dead_latents is not None and len(dead_latents) > 0:
+            auxk = self._auxk_loss(x, err, dead_latents, total_var)
         return ForwardOutput(recon, top_acts, top_indices, fvu, auxk)
 
-    def _auxk_loss(self, x: Tensor, err: Tensor, dead_mask: Tensor, total_var: Tensor) -> Tensor:
+    def _auxk_loss(self, x: Tensor, err: Tensor, dead: Tensor, total_var: Tensor) -> Tensor:
         """How well the top-k_aux dead latents reconstruct the live ones' error (Gao et al., A.2)."""
-        dead = dead_mask.nonzero().squeeze(1)
         k_aux = min(self.d_in // 2, len(dead))
         pre = (x - self.b_dec) @ self.W_enc[:, dead] + self.b_enc[dead]
         vals, local = pre.topk(k_aux, dim=-1, sorted=False)

@@ -8,6 +8,7 @@ drive directly, one step at a time, exactly as `train` runs it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from actstore.distributed import World, all_sum
 from actstore.metrics import EPS
 from actstore.run import SAESpec
-from actstore.sae import TopKSAE, default_lr
+from actstore.sae import ForwardOutput, TopKSAE, count_fired, default_lr
 
 if TYPE_CHECKING:
     from actstore.steps.train import TrainOptions
@@ -108,16 +109,41 @@ class Trainee:
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=o.device)
         self.seen, self.step, self.curves = 0, 0, []
-        self.seconds = 0.0  # wall time spent in this SAE's own steps (a sweep's shared reads excluded)
-        self.fvu_steps: list[float] = []  # every step's batch FVU: the convergence measure reads it
+        # Wall time spent in this SAE's own steps (a sweep's shared reads excluded). On a GPU, where a step
+        # reads nothing back, it is the host's time issuing the step plus any wait for the device (at a
+        # logging step, a dead-latent count, or a full launch queue): over a sweep it still adds up to the
+        # time the steps took, though one SAE may be billed for the work of the one before it.
+        self.seconds = 0.0
+        self._fvu_steps: list[float] = []  # every step's batch FVU, read from the device …
+        self._pending_fvu: list[torch.Tensor] = []  # … at logging steps: these are the steps since
         self.var_per_token: torch.Tensor | None = None
 
     @property
     def done(self) -> bool:
         return self.seen >= self.spec.tokens
 
-    def train_step(self, batch: torch.Tensor) -> float:
+    @property
+    def may_have_dead(self) -> bool:
+        """Whether any latent can be dead yet: `since_fired` grows by at most the tokens seen (known here,
+        so the device is asked for the dead latents only once they can exist)."""
+        return self.seen >= self.dead_tokens
+
+    @property
+    def fvu_steps(self) -> list[float]:
+        """Every step's batch FVU (the convergence measure reads it); reading it waits for the steps."""
+        self._flush_fvu()
+        return self._fvu_steps
+
+    def train_step(self, batch: torch.Tensor, n_dead: int | None = None) -> torch.Tensor:
+        """One Adam step on `batch`; returns its FVU as a device tensor (reading it waits for the step).
+
+        Nothing in a step reads the device back except a logging step (its curve row, in one read) and,
+        when `n_dead` is not given and latents can be dead, the count of dead latents (the AuxK loss's
+        shapes follow it): a sweep reads every SAE's count at once (`count_dead`) and passes it in.
+        """
         start = time.perf_counter()
+        if n_dead is None:
+            (n_dead,) = count_dead([self])
         x = batch[: self.spec.tokens - self.seen]
         n_global = len(x)
         if self.world is not None:  # this rank's contiguous share of the batch's rows
@@ -126,18 +152,8 @@ class Trainee:
         lr = lr_at(self.seen, self.spec.tokens, self.peak_lr, self.o)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        dead = self.since_fired >= self.dead_tokens
-        # A budget's last slice of the shared batch can be a handful of rows, too few for a variance of
-        # its own: normalise it by the running per-token variance instead.
-        total_var = None
-        if n_global < 64 and self.var_per_token is not None:
-            total_var = self.var_per_token * n_global
-        elif self.world is not None:  # the whole batch's variance: the ranks' losses then sum to its FVU
-            total_var = self._global_variance(x, n_global)
-            self.var_per_token = total_var / n_global
-        elif len(x) >= 64:
-            self.var_per_token = (x - x.mean(0)).pow(2).sum().detach() / len(x)
-        out = self.sae(x, dead, total_var)
+        dead = self.dead_mask()
+        out = self.sae(x, total_var=self._total_var(x, n_global), dead_latents=_first_true(dead, n_dead))
         loss = out.fvu + self.o.auxk_coef * out.auxk_loss
         loss.backward()  # into no gradients: the previous step freed them
         if self.world is not None:
@@ -148,43 +164,85 @@ class Trainee:
         self.opt.zero_grad(set_to_none=True)  # frees their memory until the next backward
         self.sae.set_decoder_norm_to_unit()
 
-        fvu_t = out.fvu.detach()
+        fvu = out.fvu.detach()
         if self.world is not None:
-            fvu_t = all_sum(fvu_t.clone(), self.world)
-        fvu = float(fvu_t)
-        self.fvu_steps.append(fvu)
+            fvu = all_sum(fvu.clone(), self.world)
+        self._pending_fvu.append(fvu)
         with torch.no_grad():
-            active = out.top_indices[out.top_acts > 0]
-            fired = torch.bincount(active, minlength=self.sae.d_sae)
+            fired = count_fired(out.top_acts, out.top_indices, self.sae.d_sae)
             if self.world is not None:  # every rank keeps the same dead-latent bookkeeping
                 all_sum(fired, self.world)
             self.fire_counts += fired
             self.since_fired += n_global
-            self.since_fired[fired > 0] = 0
+            self.since_fired.masked_fill_(fired > 0, 0)
             self.seen += n_global
             self.step += 1
             self.seconds += time.perf_counter() - start
             if self.step % self.o.log_every == 0 or self.done:
-                err = (x - out.recon).pow(2).sum(1)
-                centred = (x - x.mean(0)).pow(2).sum()
-                self.curves.append(
-                    {
-                        "step": self.step,
-                        "tokens": self.seen,
-                        "seconds": self.seconds,
-                        "mse": float(err.mean() / x.shape[1]),
-                        "nmse": float(err.sum() / centred.clamp_min(EPS)),
-                        "nmse_uncentred": float((err / x.pow(2).sum(1).clamp_min(EPS)).mean()),
-                        "explained_variance": 1 - fvu,
-                        "fvu": fvu,
-                        "l0": float((out.top_acts > 0).sum(1).float().mean()),
-                        "dead_frac": float(dead.float().mean()),
-                        "batch_usage": float((fired > 0).float().mean()),
-                        "lr": lr,
-                        "aux_loss": float(out.auxk_loss),
-                    }
-                )
+                self._log(x, out, dead, fired, lr)
         return fvu
+
+    def dead_mask(self) -> torch.Tensor:
+        """The latents that have not fired for `dead_tokens` tokens (on the device)."""
+        return self.since_fired >= self.dead_tokens
+
+    def _total_var(self, x: torch.Tensor, n_global: int) -> torch.Tensor | None:
+        """The FVU's denominator when the batch's own Σ‖x − mean‖² will not do (None: it will), and the
+        running per-token variance kept for such batches."""
+        # A budget's last slice of the shared batch can be a handful of rows, too few for a variance of
+        # its own: normalise it by the running per-token variance instead.
+        if n_global < 64 and self.var_per_token is not None:
+            return self.var_per_token * n_global
+        if self.world is not None:  # the whole batch's variance: the ranks' losses then sum to its FVU
+            total_var = self._global_variance(x, n_global)
+            self.var_per_token = total_var / n_global
+            return total_var
+        if len(x) >= 64:
+            self.var_per_token = (x - x.mean(0)).pow(2).sum().detach() / len(x)
+        return None
+
+    def _log(self, x: torch.Tensor, out: ForwardOutput, dead: torch.Tensor, fired: torch.Tensor, lr: float) -> None:
+        """A curve row, its values and the FVUs since the last row read from the device in one go (in
+        float64, which holds every float32 exactly: the same numbers as reading each on its own)."""
+        err = (x - out.recon).pow(2).sum(1)
+        centred = (x - x.mean(0)).pow(2).sum()
+        values = {
+            "mse": err.mean() / x.shape[1],
+            "nmse": err.sum() / centred.clamp_min(EPS),
+            "nmse_uncentred": (err / x.pow(2).sum(1).clamp_min(EPS)).mean(),
+            "l0": (out.top_acts > 0).sum(1).float().mean(),
+            "dead_frac": dead.float().mean(),
+            "batch_usage": (fired > 0).float().mean(),
+            "aux_loss": out.auxk_loss,
+        }
+        read = dict(zip(values, self._flush_fvu(list(values.values())), strict=True))
+        fvu = self._fvu_steps[-1]
+        self.curves.append(
+            {
+                "step": self.step,
+                "tokens": self.seen,
+                "seconds": self.seconds,
+                "mse": read["mse"],
+                "nmse": read["nmse"],
+                "nmse_uncentred": read["nmse_uncentred"],
+                "explained_variance": 1 - fvu,
+                "fvu": fvu,
+                "l0": read["l0"],
+                "dead_frac": read["dead_frac"],
+                "batch_usage": read["batch_usage"],
+                "lr": lr,
+                "aux_loss": read["aux_loss"],
+            }
+        )
+
+    def _flush_fvu(self, more: Sequence[torch.Tensor] = ()) -> list[float]:
+        """Read the steps' pending FVUs, and the values of `more` (returned), from the device in one sync."""
+        pending, self._pending_fvu = self._pending_fvu, []
+        if not pending and not more:
+            return []
+        values = torch.stack([v.detach().reshape(()).double() for v in (*pending, *more)]).tolist()
+        self._fvu_steps.extend(values[: len(pending)])
+        return values[len(pending) :]
 
     def _global_variance(self, x: torch.Tensor, n_global: int) -> torch.Tensor:
         """Σ‖x − mean‖² over the whole batch, from the ranks' shares (sums in float64: the mean is large)."""
@@ -216,7 +274,7 @@ class Trainee:
             "seen": self.seen,
             "step": self.step,
             "curves": self.curves,
-            "fvu_steps": self.fvu_steps,
+            "fvu_steps": list(self.fvu_steps),
             "var_per_token": self.var_per_token,
             "seconds": self.seconds,
         }
@@ -227,10 +285,28 @@ class Trainee:
         self.since_fired.copy_(s["since_fired"])
         self.fire_counts.copy_(s["fire_counts"])
         self.seen, self.step, self.curves = s["seen"], s["step"], s["curves"]
-        self.fvu_steps = list(s["fvu_steps"])
+        self._fvu_steps, self._pending_fvu = list(s["fvu_steps"]), []
         self.var_per_token = s.get("var_per_token")
         self.seconds = s.get("seconds", 0.0)
 
 
 def _fused_adam_ok(device: str) -> bool:
     return device.startswith("cuda") or tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
+def count_dead(trainees: list[Trainee]) -> list[int]:
+    """Each trainee's number of dead latents, read from the device in one sync for all of them (none when
+    no latent of any can be dead yet): what a sweep asks once per batch instead of once per SAE and step."""
+    asked = [t for t in trainees if t.may_have_dead]
+    if not asked:
+        return [0] * len(trainees)
+    counts = iter(torch.stack([t.dead_mask().sum() for t in asked]).tolist())
+    return [next(counts) if t.may_have_dead else 0 for t in trainees]
+
+
+def _first_true(mask: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The indices of the `n` True entries of `mask`, ascending: `mask.nonzero()` without its sync (its
+    length is known), as a stable sort puts the True entries first in index order. None when n is 0."""
+    if n == 0:
+        return None
+    return torch.argsort(mask.logical_not().to(torch.uint8), stable=True)[:n]

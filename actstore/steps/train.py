@@ -5,8 +5,9 @@ it. Token budgets share the stream's prefix and each SAE's learning-rate schedul
 budget, so the 1M-token SAE of a {1M, 5M} sweep is exactly the SAE a separate 1M run would give, at
 no extra read. Seeds change the initialisation only and the data order belongs to the run (`data_seed`), unless
 `seed_data` gives every seed its own order (real repeats; one pass per seed).
-A checkpoint (all SAEs, optimisers, dead-latent counters, curves and the stream position) is written
-aside and renamed into place every `checkpoint_seconds`; the same command resumes from it.
+A checkpoint (all SAEs, optimisers, dead-latent counters, curves and the stream position) is copied to
+host memory every `checkpoint_seconds` and written aside and renamed into place on a background thread
+while training goes on; the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import io
 import json
 import math
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ from actstore.options import csv, option, positive
 from actstore.progress import plural_saes, token_bar
 from actstore.run import SAESpec
 from actstore.sae import AUXK_COEF
-from actstore.trainee import UNDERTRAINED, Trainee, geometric_median
+from actstore.trainee import UNDERTRAINED, Trainee, count_dead, geometric_median
 from actstore.units import parse_count
 from actstore.writer_lock import exclusive
 
@@ -385,26 +388,24 @@ def _train_hook(
     bar = token_bar(progress and writes, total, f"train {hook} ({plural_saes(len(todo))}{who})", initial=position)
     last_ckpt = time.monotonic()
     saved = {s.sae_id for s in members if rundir.is_trained(run, s.sae_id)}
-    for batch in loader:
-        fvus = [t.train_step(batch) for t in trainees if not t.done]
-        position += len(batch)
-        for t in trainees:
-            if t.done and t.spec.sae_id not in saved:
-                if writes:
-                    _save(t, run, store, group, o, loader.epoch_tokens)
-                saved.add(t.spec.sae_id)
-        if bar is not None:
-            bar.update(len(batch))
-            bar.set_postfix(fvu=f"{float(np.mean(fvus)):.3f}" if fvus else "-", refresh=False)
-        if _checkpoint_due(last_ckpt, o, w) and position < total and writes:
-            with atomic.replacing(ckpt_path) as (stage,):
-                stage.mkdir()
-                state = {"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]}
-                buffer = io.BytesIO()  # torch's own file writer reports a full disk as a bare RuntimeError
-                torch.save(state, buffer)
-                (stage / CHECKPOINT_STATE).write_bytes(buffer.getbuffer())
-                integrity.seal(stage)
-            last_ckpt = time.monotonic()
+    with _background_checkpoints(ckpt_path) as checkpoints:
+        for batch in loader:
+            active = [t for t in trainees if not t.done]
+            for t, n_dead in zip(active, count_dead(active), strict=True):  # one read for the whole sweep
+                t.train_step(batch, n_dead)
+            position += len(batch)
+            for t in trainees:
+                if t.done and t.spec.sae_id not in saved:
+                    if writes:
+                        checkpoints.wait()  # one writer at a time (a run on object storage commits each write)
+                        _save(t, run, store, group, o, loader.epoch_tokens)
+                    saved.add(t.spec.sae_id)
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix(fvu=_logged_fvu(active), refresh=False)
+            if _checkpoint_due(last_ckpt, o, w) and position < total and writes:
+                checkpoints.write({"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]})
+                last_ckpt = time.monotonic()
     if bar is not None:
         bar.close()
     for t in trainees:  # (budgets beyond the store's size loop over it: the loader starts a new epoch)
@@ -420,6 +421,86 @@ def _train_hook(
             )
     if writes:
         atomic.remove(ckpt_path)
+
+
+def _logged_fvu(trainees: list[Trainee]) -> str:
+    """The progress bar's FVU: the mean of the SAEs' last logged batch FVUs (already on the host; reading
+    the current step's would wait for the device every step)."""
+    logged = [t.curves[-1]["fvu"] for t in trainees if t.curves]
+    return f"{float(np.mean(logged)):.3f}" if logged else "-"
+
+
+class _CheckpointWriter:
+    """Writes a sweep's checkpoints on a background thread while training goes on, one at a time.
+
+    Why: serialising, hashing and writing a large sweep's checkpoint (≈ 7 GB at d = 768 × 32 × 16) takes
+    seconds to minutes. Only the copy of the state into host memory blocks training (the write then sees
+    exactly that step's state); the write goes aside and is renamed into place (atomic.replacing), so a
+    crash mid-write leaves the previous checkpoint as it was.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, state: dict[str, Any]) -> None:
+        """Snapshot `state` to host memory now and write it in the background (after the previous write)."""
+        self.wait()
+        snapshot = _to_host(state)
+        self._thread = threading.Thread(target=self._run, args=(snapshot,), name="actstore-checkpoint")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight is in place; a failed write's error (a full disk) is raised here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _run(self, state: dict[str, Any]) -> None:
+        try:
+            _write_checkpoint(self.path, state)
+        except BaseException as exc:  # raised in the training thread by `wait`
+            self._error = exc
+
+
+@contextmanager
+def _background_checkpoints(path: Path) -> Iterator[_CheckpointWriter]:
+    """A checkpoint writer whose last write is waited for however the block ends (an error in the block
+    wins over one of the write: the block's is the one to report)."""
+    writer = _CheckpointWriter(path)
+    try:
+        yield writer
+    except BaseException:
+        with suppress(BaseException):
+            writer.wait()
+        raise
+    writer.wait()
+
+
+def _to_host(state: Any) -> Any:
+    """A copy of `state` in host memory that later training steps cannot change: tensors copied (one
+    device-to-host copy each), lists and dicts rebuilt (curves and FVUs grow in place)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_host(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_host(v) for v in state)
+    return state
+
+
+def _write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """The checkpoint directory: the state and its sums, written aside and renamed into place."""
+    with atomic.replacing(path) as (stage,):
+        stage.mkdir()
+        buffer = io.BytesIO()  # torch's own file writer reports a full disk as a bare RuntimeError
+        torch.save(state, buffer)
+        (stage / CHECKPOINT_STATE).write_bytes(buffer.getbuffer())
+        integrity.seal(stage)
 
 
 def sweep_memory(specs: list[SAESpec], d_in: int, batch_size: int) -> int:
