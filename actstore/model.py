@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class LoadedModel:
     device: str
     compute_dtype: str
     _per_token_hooks: list[str] | None = None
+    _hook_shapes: dict[str, tuple[int, ...]] | None = None  # per-token hook -> its shape after (batch, pos)
+    _refiring: frozenset[str] = frozenset()  # per-token hooks that fire more than once in a forward pass
 
     @property
     def n_layers(self) -> int:
@@ -244,17 +247,40 @@ def per_token_hooks(model: LoadedModel) -> list[str]:
     """Hooks that fire once per token with shape (batch, pos, …): the ones a store can hold.
 
     Found by one forward pass on 22 tokens caching everything (cheap, and cached on the model), because
-    TransformerLens also lists hooks that never fire for an architecture or are per head-pair.
+    TransformerLens also lists hooks that never fire for an architecture or are per head-pair. The same
+    pass records each hook's shape, so allocating a store needs no forward pass of its own, and which
+    hooks fire more than once, after which `capture` must not stop the pass early.
     """
     if getattr(model, "_per_token_hooks", None) is None:
         # batch 2 × 11 positions: no head count or rotary table is likely to share those sizes
         tokens = torch.arange(22).reshape(2, 11) % int(model.bridge.cfg.d_vocab)
-        with torch.inference_mode():
-            _, cache = model.bridge.run_with_cache(tokens.to(model.device))
-        model._per_token_hooks = sorted(
-            name for name, a in cache.items() if a.ndim >= 3 and tuple(a.shape[:2]) == (2, 11)
-        )
+        fired: dict[int, int] = {}
+
+        def count(tensor: Any, hook: Any) -> None:
+            fired[id(hook)] = fired.get(id(hook), 0) + 1
+
+        bridge = model.bridge
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # "skipped gated-off hooks": those never fire, as wanted
+            with bridge.hooks(fwd_hooks=[(_everything, count)]):
+                _, cache = bridge.run_with_cache(tokens.to(model.device))
+        shapes = {n: tuple(a.shape[2:]) for n, a in cache.items() if a.ndim >= 3 and tuple(a.shape[:2]) == (2, 11)}
+        points = bridge.hook_dict
+        model._refiring = frozenset(n for n in shapes if fired.get(id(points.get(n)), 0) > 1)
+        model._per_token_hooks, model._hook_shapes = sorted(shapes), shapes
     return model._per_token_hooks
+
+
+def _everything(name: str) -> bool:
+    return True
+
+
+def hook_shape(model: LoadedModel, hook: str) -> tuple[int, ...]:
+    """A per-token hook's shape after (batch, pos): (d_model,) for the residual stream, (heads, d_head) for hook_z."""
+    per_token_hooks(model)
+    if hook not in (model._hook_shapes or {}):
+        check_hooks(model, [hook])
+    return model._hook_shapes[hook]  # type: ignore[index]
 
 
 def check_hooks(model: LoadedModel, hooks: list[str]) -> None:
@@ -267,9 +293,48 @@ def check_hooks(model: LoadedModel, hooks: list[str]) -> None:
         )
 
 
+class _AllCaptured(Exception):
+    """Raised from the last wanted hook: the rest of the forward pass computes nothing the caller keeps."""
+
+
 @torch.inference_mode()
 def capture(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """Activations at `hooks` for a batch of token ids, stopping after the last layer needed."""
-    wanted = set(hooks)
-    _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in wanted, stop_at_layer=stop_layer(hooks))
-    return {h: cache[h] for h in hooks}
+    """Activations at `hooks` for a batch of token ids, stopping as soon as the last of them has fired.
+
+    Why not `run_with_cache(stop_at_layer=…)` alone: a hook in the last block stops nothing there, so the
+    final norm and the unembedding (as costly as all of Pythia-70M's blocks together) ran for nothing.
+    The forward is still run_with_cache's own (same kwargs, same kernels): the values are bit-identical.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    early = len(set(hooks)) if not (set(hooks) & _refiring(model)) else None
+
+    def keeper(name: str) -> Any:
+        def keep(tensor: Any, hook: Any = None) -> Any:
+            kept[name] = (tensor[0] if isinstance(tensor, tuple) else tensor).detach()
+            if len(kept) == early:
+                raise _AllCaptured
+            return tensor
+
+        return keep
+
+    bridge = model.bridge
+    try:
+        with bridge.hooks(fwd_hooks=[(h, keeper(h)) for h in hooks]):
+            bridge.run_with_cache(tokens, names_filter=_nothing, stop_at_layer=stop_layer(hooks))
+    except _AllCaptured:
+        pass
+    missing = [h for h in hooks if h not in kept]
+    if missing:
+        raise UsageError(f"hook {', '.join(missing)} did not fire in {model.name}'s forward pass; choose another")
+    return {h: kept[h] for h in hooks}
+
+
+def _refiring(model: LoadedModel) -> frozenset[str]:
+    """Hooks whose last value is not their first (found once per model, on a 22-token pass)."""
+    per_token_hooks(model)
+    return model._refiring
+
+
+def _nothing(name: str) -> bool:
+    """run_with_cache's names_filter when the hooks are ours: cache nothing itself."""
+    return False

@@ -1,10 +1,14 @@
 """The harvest's background writer: compresses and writes batches while the model computes the next.
 
 Why a thread: the forward pass and zarr's compression both release the GIL, so writing the previous
-batch overlaps the next forward pass. Each batch is written as whole chunks, activations before tokens,
-and only then are its chunks flagged done (`store.mark_done`): one small object per chunk, so ranks of a
-distributed harvest writing disjoint chunks never rewrite a shared object, and a resume — with any
-number of processes — redoes exactly the chunks not flagged. A single writer also advances the commit
+batch overlaps the next forward pass. A batch's activations may come as a function that makes them
+(the dtype conversion, the finiteness check, waiting for a device copy): it runs here, in order, so the
+forward's thread never waits for it, and a batch that fails it is never written nor flagged.
+
+Each batch is written as whole chunks, activations before tokens, and only then are its chunks flagged
+done (`store.mark_done`): one small object per chunk, so ranks of a distributed harvest writing
+disjoint chunks never rewrite a shared object, and a resume — with any number of processes — redoes
+exactly the chunks not flagged. A single writer also advances the commit
 record (the prefix readers trust) after each batch; with several, rank 0 records it once all are done.
 For a lossy codec it also measures the relative error the codec introduced, which the store records.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,7 +49,11 @@ class StoreWriter(threading.Thread):
             while self.inbox.get() is not None:  # drain so the producer never blocks forever
                 pass
 
-    def _write(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+    def _write(
+        self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]]
+    ) -> None:
+        if callable(acts):
+            acts = acts()
         stop = start + len(tokens)
         for hook in self.hooks:
             self.acts[hook][start:stop] = acts[hook]

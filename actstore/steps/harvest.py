@@ -1,12 +1,14 @@
 """`actstore harvest`: run a model over a corpus once and write its activations to a Zarr store.
 
 Why this shape: the model is the expensive part, so it runs once, at several hookpoints in one pass,
-stopping after the last layer needed, while a background thread compresses and writes the previous
-batch. Each batch is written as whole chunks and only then counted in the commit record, so a killed
-harvest re-run with the same command regenerates the (deterministic) token stream, skips what was
-committed and finishes bit-identical to an uninterrupted run. The store records a fingerprint of the
-corpus, and a resume refuses a corpus that changed since (its stream would not continue the committed
-one). When the corpus runs out early the arrays are cut to what was written through an intent record
+stopping as soon as the last hook has fired, and the thread that runs it does nothing else: converting
+to the stored dtype, the finiteness check, compressing and writing happen on a background thread
+(on CUDA after an asynchronous copy into pinned memory), one batch behind. Each batch is written as
+whole chunks and only then counted in the commit record, so a killed harvest re-run with the same
+command regenerates the (deterministic) token stream, skips what was committed and finishes
+bit-identical to an uninterrupted run. The store records a fingerprint of the corpus, and a resume
+refuses a corpus that changed since (its stream would not continue the committed one). When the
+corpus runs out early the arrays are cut to what was written through an intent record
 (`store.truncate`), so a kill mid-cut never leaves arrays of different lengths.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ from actstore.model import (
     capture,
     check_hooks,
     check_runtime,
+    hook_shape,
     load_model,
     runtime_change,
     runtime_description,
@@ -169,11 +173,13 @@ def _existing_settings(out: str, overwrite: bool) -> dict[str, Any] | None:
     return dict(attrs["settings"])
 
 
-def _stored_finite(hook: str, acts: torch.Tensor, dtype: str, seq: int) -> np.ndarray:
+def _stored_finite(hook: str, acts: torch.Tensor, dtype: str, seq: int, stored: np.ndarray | None = None) -> np.ndarray:
     """A batch's activations in the stored dtype, or a one-line error when a value is not finite there:
     float16 turns anything beyond ±65,504 into ±inf (Gemma-2's residual stream gets there), and training
-    and eval would turn it into NaN much later. Batches before it are committed: the store stays resumable."""
-    stored = st.to_stored(acts.reshape(*acts.shape[:2], -1), dtype)
+    and eval would turn it into NaN much later. Batches before it are committed: the store stays resumable.
+    `stored`: the values already converted (and copied off the device), when they were."""
+    if stored is None:
+        stored = st.to_stored(acts.reshape(*acts.shape[:2], -1), dtype)
     bits = stored.view(np.uint16) if dtype == "bfloat16" else None
     ok = ((bits & 0x7F80) != 0x7F80).all() if bits is not None else np.isfinite(stored).all()
     if ok:
@@ -187,6 +193,58 @@ def _stored_finite(hook: str, acts: torch.Tensor, dtype: str, seq: int) -> np.nd
         f"activations at {hook} reach {peak:.4g} in sequences {seq}…{seq + len(acts) - 1}, beyond what {dtype} holds; "
         "harvest into a new store with --dtype bfloat16 (or float32)"
     )
+
+
+def _off_device(acts: dict[str, torch.Tensor], dtype: str, seq: int) -> Callable[[], dict[str, np.ndarray]]:
+    """Start taking a batch's activations to the host; the function returned, run on the writer thread,
+    finishes: the forward pass's thread goes straight on to the next batch.
+
+    On CPU the conversion to the stored dtype and the finiteness check move to the writer. On CUDA the
+    conversion runs on the device (half the bytes to copy for float16), the copy into pinned memory does
+    not block, and the writer waits on an event recorded after it: the GPU is never idle for the copy.
+    The bits are those of `store.to_stored` either way."""
+    if not any(a.is_cuda for a in acts.values()):
+        return lambda: {h: _stored_finite(h, a, dtype, seq, _stored_serially(a, dtype)) for h, a in acts.items()}
+    host = {h: _pinned_copy(a, dtype) for h, a in acts.items()}
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def finish() -> dict[str, np.ndarray]:
+        copied.synchronize()
+        return {h: _stored_finite(h, acts[h], dtype, seq, _host_values(host[h], dtype)) for h in acts}
+
+    return finish
+
+
+SERIAL_ELEMENTS = 32767  # torch runs an op on fewer elements than its grain (32,768) on the calling thread
+
+
+def _stored_serially(acts: torch.Tensor, dtype: str) -> np.ndarray | None:
+    """`store.to_stored`, in pieces small enough that torch runs each on the calling thread.
+
+    Why: torch gives every thread that runs a parallel op a thread team of its own, so a whole-batch
+    conversion on the writer thread would put a second team beside the forward pass's on the same cores.
+    None for a tensor that is not contiguous (`to_stored` then converts it whole)."""
+    target = getattr(torch, dtype)
+    if acts.dtype == target or not acts.is_contiguous():
+        return None
+    flat = acts.reshape(-1)
+    out = torch.empty(flat.shape, dtype=target)
+    for start in range(0, len(flat), SERIAL_ELEMENTS):
+        out[start : start + SERIAL_ELEMENTS].copy_(flat[start : start + SERIAL_ELEMENTS])
+    return _host_values(out.reshape(*acts.shape[:2], -1), dtype)
+
+
+def _pinned_copy(acts: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Convert on the device and enqueue the copy into page-locked host memory (asynchronous)."""
+    values = acts.reshape(*acts.shape[:2], -1).to(getattr(torch, dtype))
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    return host.copy_(values, non_blocking=True)
+
+
+def _host_values(host: torch.Tensor, dtype: str) -> np.ndarray:
+    """What `store.to_stored` gives for these values (bfloat16 as its uint16 bits)."""
+    return host.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else host.numpy()
 
 
 def harvest(
@@ -393,8 +451,7 @@ def _write_units(
             if seq // unit in wanted:
                 _check_vocab(batch, model)
                 tokens = torch.from_numpy(batch.astype(np.int64)).to(model.device)
-                acts = capture(model, tokens, hooks)
-                writer.put((seq, batch, {h: _stored_finite(h, a, o.dtype, seq) for h, a in acts.items()}))
+                writer.put((seq, batch, _off_device(capture(model, tokens, hooks), o.dtype, seq)))
                 if bar is not None:
                     bar.update(batch.size)
             seq += len(batch)
@@ -432,7 +489,7 @@ def _create_from_corpus(target: str, o: HarvestOptions, model: LoadedModel, hook
             + (" (splits are by document: a one-document corpus has no eval split)" if o.split != "all" else "")
         )
     _check_vocab(first, model)
-    _create(target, o, model, hooks, first, corpus_fingerprint(o.corpus))
+    _create(target, o, model, hooks, corpus_fingerprint(o.corpus))
 
 
 def _same_corpus(out: str, group: Any, corpus: str, overwrite: bool) -> bool:
@@ -474,12 +531,10 @@ def _check_vocab(first: np.ndarray, model: LoadedModel) -> None:
         raise UsageError(f"the corpus has token ids outside 0…{vocab - 1}; was it tokenized for another model?")
 
 
-def _create(
-    out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], first: np.ndarray, fingerprint: dict[str, Any]
-) -> Any:
-    """Allocate the store; the hooks' widths come from one forward pass on one sequence."""
-    probe = capture(model, torch.from_numpy(first[:1].astype(np.int64)).to(model.device), hooks)
-    hook_dims = {h: int(np.prod(a.shape[2:])) for h, a in probe.items()}
+def _create(out: str, o: HarvestOptions, model: LoadedModel, hooks: list[str], fingerprint: dict[str, Any]) -> Any:
+    """Allocate the store; the hooks' shapes are those the model's hook survey found (no forward pass here)."""
+    shapes = {h: hook_shape(model, h) for h in hooks}
+    hook_dims = {h: int(np.prod(shape)) for h, shape in shapes.items()}
     attrs = {
         "actstore": {"version": __version__, "store_schema": 1},
         "settings": o.settings(),
@@ -495,9 +550,7 @@ def _create(
         "bos_policy": "prepend BOS to every sequence"
         if o.prepend_bos
         else "packed, documents separated by end-of-text",
-        "hooks": {
-            h: {"d": hook_dims[h], "shape": list(probe[h].shape[2:]), "stop_at_layer": stop_layer(hooks)} for h in hooks
-        },
+        "hooks": {h: {"d": hook_dims[h], "shape": list(shapes[h]), "stop_at_layer": stop_layer(hooks)} for h in hooks},
         "dtype": o.dtype,
         "codec": {"name": o.codec, "lossy": st.is_lossy(o.codec), "checksum": "crc32c"},
         "n_seq": o.n_seq,
