@@ -51,12 +51,15 @@ def _chunk_rows(pos: int, d: int, d_vocab: int) -> int:
 
 
 def _score(batch: Batch, rows: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-    """(kl, ce) of the Q given by `logits` (one row per draw) against the clean P at token row `rows`."""
+    """(kl, ce) of the Q given by `logits` (one row per draw) against the clean P at token row `rows`, on the
+    host; blocked and computed as eval's records are (CleanDistribution.score_block)."""
     clean = batch.clean
-    logq = torch.log_softmax(logits.float(), dim=-1)
-    kl = (clean.p[rows] * (clean.logp[rows] - logq)).sum(-1)
-    ce = -logq.gather(-1, clean.target[rows]).squeeze(-1)
-    return kl.cpu(), torch.where(clean.has_next[rows], ce, torch.nan).cpu()
+    kl, ce = torch.empty(len(rows), device=logits.device), torch.empty(len(rows), device=logits.device)
+    for start in range(0, len(rows), clean.ROWS):
+        part = slice(start, start + clean.ROWS)
+        ce[part], kl[part] = clean.score_block(logits[part], rows[part])
+    both = torch.stack([kl, ce]).cpu()
+    return both[0], both[1]
 
 
 def draw_batch(

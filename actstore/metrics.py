@@ -33,18 +33,20 @@ def baselines(x: Tensor, xh: Tensor, gen: torch.Generator | Sequence[torch.Gener
     """The baselines of actstore.tables.BASELINES for (n, d) tokens: random errors of ‖x − x̂‖'s size.
 
     `gen`: one generator per sequence (x holds the sequences' tokens in order, each as many), each
-    drawing that sequence's directions and actdiff's partners; a single generator treats x as one sequence."""
+    drawing that sequence's directions and actdiff's partners; a single generator treats x as one sequence.
+    The draws come from CPU generators (the same on every device); everything else runs where x is."""
     gens = [gen] if isinstance(gen, torch.Generator) else list(gen)
     per = len(x) // len(gens)
     if per * len(gens) != len(x):
         raise ValueError(f"{len(x)} tokens do not split into {len(gens)} sequences of equal length")
     g = torch.empty(x.shape)
     a, b = torch.empty(len(x), dtype=torch.long), torch.empty(len(x), dtype=torch.long)
-    for i, gi in enumerate(gens):  # per sequence: its Gaussian draws, then its partners
+    for i, gi in enumerate(gens):  # per sequence: its Gaussian draws, then its partners (CPU generators)
         rows = slice(i * per, (i + 1) * per)
         torch.randn((per, x.shape[-1]), generator=gi, out=g[rows])
         if per >= 3:
             a[rows], b[rows] = (j + i * per for j in partners(per, gi))
+    g, a, b = (t.to(x.device, non_blocking=True) for t in (g, a, b))  # the rest on x's device: one copy up
     e_norm = (x - xh).norm(dim=-1, keepdim=True)
     eps = x + e_norm * g / g.norm(dim=-1, keepdim=True)
     x_unit = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
@@ -76,10 +78,15 @@ def partners(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
 def activation_metrics(x: Tensor, xh: Tensor, l0: Tensor, mu: Tensor) -> dict[str, np.ndarray]:
     """Per-token activation-space numbers of docs/METHODS.md for (n, d) tokens, as float32 arrays."""
+    return to_host(activation_columns(x, xh, l0, mu))
+
+
+def activation_columns(x: Tensor, xh: Tensor, l0: Tensor, mu: Tensor) -> dict[str, Tensor]:
+    """`activation_metrics` left on x's device, to be copied to the host with the other columns at once."""
     e = x - xh
     x_norm, xh_norm, e_norm = x.norm(dim=-1), xh.norm(dim=-1), e.norm(dim=-1)
     dot = (x * xh).sum(-1)
-    out = {
+    return {
         "x_norm": x_norm,
         "recon_norm": xh_norm,
         "err_norm": e_norm,
@@ -90,7 +97,15 @@ def activation_metrics(x: Tensor, xh: Tensor, l0: Tensor, mu: Tensor) -> dict[st
         "relerr": e_norm / (x_norm + EPS),
         "l0": l0.float(),
     }
-    return {k: v.cpu().numpy().astype(np.float32) for k, v in out.items()}
+
+
+def to_host(columns: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Per-token columns of equal length as float32 arrays, in one device-to-host copy (one sync, not one
+    per column)."""
+    if not columns:
+        return {}
+    both = torch.stack([c.reshape(-1).float() for c in columns.values()]).cpu().numpy()
+    return dict(zip(columns, both, strict=True))
 
 
 def rate_and_latents(

@@ -9,7 +9,7 @@ clean P once (CE of the true next token, KL(P ‖ Q)).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,35 @@ from torch import Tensor
 
 from actstore import store as st
 from actstore.model import LoadedModel, blocks_after, capture
+
+# Memory budgets of eval's scoring (docs/DESIGN.md, "Eval's memory"):
+STACK_BYTES = 1 << 30  # activations inside a block of the patches stacked in one call above the hook
+VOCAB_BYTES = 1 << 32  # a batch's arrays at tokens × vocabulary (clean logits, P, one patch's logits, log P)
+VOCAB_ARRAYS = 4  # … of 4 bytes each per token and vocabulary entry
+HEAD_BYTES = {"cpu": 1 << 25, "other": 1 << 30}  # logits of one block of unembedded rows: cache-sized on a CPU
+# Stack the patches and block the unembedding (`Patcher.score`) on accelerators only: on a 2-core CPU it
+# measured slower than one patch at a time (6 patches of 8 × 128 tokens, 50k vocabulary: 15.7–17.7 s vs 12.2 s).
+STACKED = {"cpu": False, "other": True}
+
+
+def _kind(device: torch.device | str) -> str:
+    return "cpu" if torch.device(device).type == "cpu" else "other"
+
+
+def head_rows(d_vocab: int, device: torch.device | str) -> int:
+    """Tokens unembedded at once when scoring: a multiple of CleanDistribution.ROWS whose float32 logits fit
+    HEAD_BYTES (on a CPU they stay in the last-level cache; on an accelerator they keep the matmul large)."""
+    budget = HEAD_BYTES[_kind(device)]
+    rows = budget // (4 * d_vocab) // CleanDistribution.ROWS * CleanDistribution.ROWS
+    return max(CleanDistribution.ROWS, rows)
+
+
+def sequences_per_batch(batch_size: int, seq_len: int, d_vocab: int) -> int:
+    """`batch_size`, lowered so that a batch's tokens × vocabulary arrays fit VOCAB_BYTES (never below one
+    sequence): with a 256k vocabulary, 16 sequences of 1,024 tokens would hold 16 GB per array. The records do
+    not depend on it (every draw is per sequence; every layer and the scoring act per sequence or token)."""
+    per_seq = seq_len * d_vocab * 4 * VOCAB_ARRAYS
+    return max(1, min(batch_size, VOCAB_BYTES // per_seq))
 
 
 class Patcher:
@@ -69,7 +98,56 @@ class Patcher:
             return self._suffix(replacement, pos)[:, 0]
         return self.logits(tokens, replacement)[:, pos]
 
+    @torch.inference_mode()
+    def score(
+        self, clean: CleanDistribution, tokens: Tensor, replacements: Sequence[Tensor]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """(ce, kl) per token, on the device, of each replacement in place of the hook's activation.
+
+        On the direct path the patches run the layers above the hook stacked, as many per call as
+        STACK_BYTES allows (one call instead of one per patch), and the unembedding runs on blocks of
+        `head_rows` tokens each scored at once, so no patch's logits exist at batch × vocabulary and a
+        block is scored while it is still in cache. Per token the numbers do not depend on how the
+        patches are stacked or the rows blocked: every layer acts on a sequence or a token alone."""
+        if self.start is None or not STACKED[_kind(tokens.device)]:
+            return [clean.score_tensors(self.logits(tokens, r)) for r in replacements]
+        out: list[tuple[Tensor, Tensor]] = []
+        per_call = self._patches_per_call(tokens.shape)
+        for first in range(0, len(replacements), per_call):
+            group = replacements[first : first + per_call]
+            h = self._blocks(torch.cat([r.reshape(*tokens.shape, -1) for r in group]))
+            out += [self._score_rows(clean, part.reshape(1, -1, part.shape[-1])) for part in h.chunk(len(group))]
+        return out
+
+    def _score_rows(self, clean: CleanDistribution, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(ce, kl) of the tokens whose residual after the last block is `h` (1, tokens, d_model)."""
+        n_tok = h.shape[1]
+        ce = torch.empty(n_tok, device=h.device)
+        kl = torch.empty_like(ce)
+        step = head_rows(int(self.model.bridge.cfg.d_vocab), h.device)
+        for start in range(0, n_tok, step):
+            logits = self._head(h[:, start : start + step])[0]
+            for sub in range(0, len(logits), clean.ROWS):
+                rows = slice(start + sub, start + min(sub + clean.ROWS, len(logits)))
+                ce[rows], kl[rows] = clean.score_block(logits[sub : sub + clean.ROWS], rows)
+        return ce, kl
+
+    def _patches_per_call(self, shape: torch.Size) -> int:
+        """How many patches of a batch run the layers above the hook in one call (≥ 1): their
+        activations inside a block, ≈ 16 d_model-wide tensors and the attention scores, within STACK_BYTES."""
+        cfg = self.model.bridge.cfg
+        n, t = shape
+        per_patch = n * t * (16 * int(cfg.d_model) + int(getattr(cfg, "n_heads", 1)) * t) * 4
+        return max(1, STACK_BYTES // per_patch)
+
     def _suffix(self, resid: Tensor, only_pos: int | None = None) -> Tensor:
+        h = self._blocks(resid)
+        if only_pos is not None:
+            h = h[:, only_pos : only_pos + 1]
+        return self._head(h)
+
+    def _blocks(self, resid: Tensor) -> Tensor:
+        """The residual stream after the last block, from `resid` at the hook (n, t, d_model)."""
         bridge = self.model.bridge
         h = resid.to(next(bridge.parameters()).dtype)
         n, t = h.shape[:2]
@@ -80,8 +158,11 @@ class Patcher:
             mask = _attention_mask(block, causal)
             out = block(h, attention_mask=mask, position_ids=pos, position_embeddings=rotary)
             h = out[0] if isinstance(out, tuple) else out
-        if only_pos is not None:
-            h = h[:, only_pos : only_pos + 1]
+        return h
+
+    def _head(self, h: Tensor) -> Tensor:
+        """Final norm, unembedding and the model's own logits transform, row by row of `h`."""
+        bridge = self.model.bridge
         return self._final_transform(bridge.unembed(bridge.ln_final(h)))
 
     def _final_transform(self, logits: Tensor) -> Tensor:
@@ -164,42 +245,66 @@ def _attention_mask(block: Any, causal: Tensor) -> Tensor:
 class CleanDistribution:
     """P at every token of a batch, kept to score many patched Q against: CE of Q and KL(P ‖ Q).
 
-    log P and P are computed once per batch. Each Q is scored in blocks of ROWS tokens — log-softmax,
-    the CE gather and Σ_v P (log P − log Q) — so every pass over the vocabulary stays in cache (with a
-    50k vocabulary, one full-size pass per step cost as much as the layers above a mid-depth hook;
-    blocked, the scoring is 4–5× cheaper). The difference is taken before the product, so small KLs
-    keep their precision, and Q = P gives exactly 0.
+    The clean logits z_P (float32), P and lse_P = log Σ exp z_P are computed once per batch. Each Q is scored
+    in blocks of ROWS tokens, so every pass over the vocabulary stays in cache (with a 50k vocabulary, one
+    full-size pass per step cost as much as the layers above a mid-depth hook). Per token
+    KL = Σ_v P_v ((z_P,v − z_Q,v) − (lse_P − lse_Q)): the logits' difference is taken first (exact where
+    they are close), then the normalisers', then the product, so small KLs keep their precision and Q = P
+    gives exactly 0; a block costs one logsumexp, two elementwise passes and one dot product over the
+    vocabulary, and no log Q is written. Results stay on the device: `score_tensors` never syncs.
     """
 
     ROWS = 16
 
     def __init__(self, logits: Tensor, tokens: Tensor):
         logits = logits.reshape(-1, logits.shape[-1])
-        self.logp = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        self.p = torch.empty_like(self.logp)
-        for start in range(0, len(logits), self.ROWS):  # blocked, like `score`
+        self.z = logits.float() if logits.dtype != torch.float32 else logits
+        self.p = torch.empty_like(self.z)
+        self.lse = torch.empty(len(logits), device=logits.device)
+        for start in range(0, len(logits), self.ROWS):  # blocked, like `score_tensors`
             rows = slice(start, start + self.ROWS)
-            self.logp[rows] = torch.log_softmax(logits[rows].float(), dim=-1)
-            self.p[rows] = self.logp[rows].exp()
+            self.lse[rows] = torch.logsumexp(self.z[rows], -1)
+            torch.exp(self.z[rows] - self.lse[rows, None], out=self.p[rows])
         nxt = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1).reshape(-1).long()
         self.has_next = nxt >= 0
         self.target = nxt.clamp_min(0)[:, None]
-        self.ce = self._ce(self.logp, slice(None))
+        self.ce = self._ce(self.lse, self.z.gather(-1, self.target).squeeze(-1), slice(None))
+        self._logp: Tensor | None = None
 
-    def _ce(self, logq: Tensor, rows: slice) -> Tensor:
-        ce = -logq.gather(-1, self.target[rows]).squeeze(-1)
-        return torch.where(self.has_next[rows], ce, torch.nan)
+    @property
+    def logp(self) -> Tensor:
+        """log P, (tokens, d_vocab) float32: built on first use (draws, sensitivity tests), not by eval's scoring."""
+        if self._logp is None:
+            self._logp = self.z - self.lse[:, None]
+        return self._logp
+
+    def _ce(self, lse: Tensor, target_logit: Tensor, rows: slice | Tensor) -> Tensor:
+        return torch.where(self.has_next[rows], lse - target_logit, torch.nan)
+
+    def score_block(self, logits: Tensor, rows: slice | Tensor) -> tuple[Tensor, Tensor]:
+        """(ce, kl) of the Q given by `logits`, one row per token `rows` of the batch (at most ROWS of them)."""
+        zq = logits.float()
+        lse = torch.logsumexp(zq, -1)
+        d = self.z[rows] - zq  # z_P − z_Q: exact where the logits are close …
+        d -= (self.lse[rows] - lse)[:, None]  # … then log P − log Q, before any product
+        kl = torch.linalg.vecdot(self.p[rows], d)
+        return self._ce(lse, zq.gather(-1, self.target[rows]).squeeze(-1), rows), kl
+
+    def score_tensors(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(ce, kl) per token of Q given by `logits`, float32 on the device (ce NaN at the last position)."""
+        logits = logits.reshape(-1, logits.shape[-1])
+        ce = torch.empty(len(logits), device=logits.device)
+        kl = torch.empty_like(ce)
+        for start in range(0, len(logits), self.ROWS):
+            rows = slice(start, start + self.ROWS)
+            ce[rows], kl[rows] = self.score_block(logits[rows], rows)
+        return ce, kl
 
     def score(self, logits: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(ce, kl) per token of Q given by `logits`, as float32 arrays (ce NaN at the last position)."""
-        logits = logits.reshape(-1, logits.shape[-1])
-        ce, kl = torch.empty(len(logits)), torch.empty(len(logits))
-        for start in range(0, len(logits), self.ROWS):
-            rows = slice(start, start + self.ROWS)
-            logq = torch.log_softmax(logits[rows].float(), dim=-1)
-            ce[rows] = self._ce(logq, rows).cpu()
-            kl[rows] = (self.p[rows] * (self.logp[rows] - logq)).sum(-1).cpu()
-        return ce.numpy(), kl.numpy()
+        ce, kl = self.score_tensors(logits)
+        both = torch.stack([ce, kl]).cpu().numpy()
+        return both[0], both[1]
 
 
 def place(x_live: Tensor, candidate: Tensor, pos: int | None) -> Tensor:
@@ -237,8 +342,10 @@ class Batch:
 def batches(
     group: Any, model: LoadedModel, patcher: Patcher, seqs: list[int] | range, batch_size: int, device: str
 ) -> Iterator[Batch]:
-    """The store's sequences `seqs` (ascending) in batches of `batch_size`, each with its clean pass."""
+    """The store's sequences `seqs` (ascending) in batches of `batch_size` (at most `sequences_per_batch`),
+    each with its clean pass."""
     seqs = list(seqs)
+    batch_size = sequences_per_batch(batch_size, int(group["tokens"].shape[1]), int(model.bridge.cfg.d_vocab))
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
         span = slice(chunk[0], chunk[-1] + 1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--draw-pos", type=int, default=48, help="the patched position (study 001: 48)")
     ap.add_argument("--draw-seqs", type=int, default=2, help="sequences the draws run on")
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes per batch (--sensitivity)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (naive, bare, eval); medians")
+    ap.add_argument("--ratios-only", action="store_true", help="skip the --sensitivity and --eps-draws parts")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="actstore-bench-eval-"))
@@ -110,13 +113,19 @@ def main() -> None:
 
             ours()  # warm-up (also writes the records measured below)
             times = {"naive": [], "bare": [], "eval": []}
-            for _ in range(2):
+            for _ in range(args.repeats):  # interleaved, so a load that comes and goes hits all three alike
                 for key, fn in (("naive", naive), ("bare", bare), ("eval", ours)):
                     t0 = time.perf_counter()
                     fn()
                     times[key].append(time.perf_counter() - t0)
-            results[dtype] = {k: min(v) for k, v in times.items()}
+            results[dtype] = {k: float(np.median(v)) for k, v in times.items()}
+            results[dtype]["ratios"] = [n / e for n, e in zip(times["naive"], times["eval"], strict=True)]
+            results[dtype]["over_bare"] = [e / b for e, b in zip(times["eval"], times["bare"], strict=True)]
 
+        load = os.getloadavg()[0]
+        if args.ratios_only:
+            print_ratios(args, n_tok, d, results, load)
+            return
         model32 = load_model(name, "cpu", "float32")
         sens = {}
         for on in (False, True):
@@ -128,18 +137,7 @@ def main() -> None:
         draws = bench_draws(name, g, args.hook, load_eval_sae(str(sae_dir)), args.draws, args.draw_pos, args.draw_seqs)
         records = tmp / "run" / "records"
         per_table = {t: sum(f.stat().st_size for f in (records / t).rglob("*.parquet")) for t in ("tokens", "codes")}
-        print(
-            f"model {args.model}, hook {args.hook}, {n_tok:,} tokens in batches of {args.batch_size}, "
-            f"1 SAE ({16 * d:,} latents, k = 32), {N_PATCHES} patches + clean, 2 CPU threads"
-        )
-        print(
-            f"{'compute':<10}{'naive tok/s':>13}{'bare tok/s':>12}{'eval tok/s':>12}{'eval vs naive':>15}{'eval / bare time':>18}"
-        )
-        for dtype, r in results.items():
-            print(
-                f"{dtype:<10}{n_tok / r['naive']:>13,.0f}{n_tok / r['bare']:>12,.0f}{n_tok / r['eval']:>12,.0f}"
-                f"{r['naive'] / r['eval']:>14.2f}x{r['eval'] / r['bare']:>17.2f}x"
-            )
+        print_ratios(args, n_tok, d, results, load)
         print(
             f"records per token per SAE: tokens table {per_table['tokens'] / n_tok:.1f} B, "
             f"codes table {per_table['codes'] / n_tok:.1f} B (k = 32 rows)"
@@ -152,6 +150,7 @@ def main() -> None:
             "eval_tokens_per_s_fp32": round(n_tok / results["float32"]["eval"]),
             "record_bytes_per_token_tokens": round(per_table["tokens"] / n_tok, 1),
             "record_bytes_per_token_codes": round(per_table["codes"] / n_tok, 1),
+            "load_average": round(load, 1),
             "eps_draws_vs_naive": round(draws["naive"] / draws["ours"], 1),
             "sensitivity_over_eval_fp32": round(sens[True] / sens[False], 2),
         }
@@ -168,6 +167,36 @@ def main() -> None:
         print(json.dumps(headline))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_ratios(args: argparse.Namespace, n_tok: int, d: int, results: dict, load: float) -> None:
+    """The throughput table (medians of the interleaved rounds, each round's ratios beside them)."""
+    print(
+        f"model {args.model}, hook {args.hook}, {n_tok:,} tokens in batches of {args.batch_size}, "
+        f"1 SAE ({16 * d:,} latents, k = 32), {N_PATCHES} patches + clean, {torch.get_num_threads()} CPU threads, "
+        f"load average {load:.1f} on {os.cpu_count()} cores, medians of {args.repeats} interleaved rounds"
+    )
+    print(
+        f"{'compute':<10}{'naive tok/s':>13}{'bare tok/s':>12}{'eval tok/s':>12}{'eval vs naive':>15}"
+        f"{'eval / bare time':>18}  per round (vs naive; / bare)"
+    )
+    for dtype, r in results.items():
+        rounds = ", ".join(f"{a:.2f}; {b:.2f}" for a, b in zip(r["ratios"], r["over_bare"], strict=True))
+        print(
+            f"{dtype:<10}{n_tok / r['naive']:>13,.0f}{n_tok / r['bare']:>12,.0f}{n_tok / r['eval']:>12,.0f}"
+            f"{r['naive'] / r['eval']:>14.2f}x{r['eval'] / r['bare']:>17.2f}x  {rounds}"
+        )
+    if args.ratios_only:
+        print(
+            json.dumps(
+                {
+                    f"eval_{k}_{t}": round(v, 2)
+                    for t, r in results.items()
+                    for k, v in (("vs_naive", r["naive"] / r["eval"]), ("over_bare", r["eval"] / r["bare"]))
+                }
+                | {"load_average": round(load, 1)}
+            )
+        )
 
 
 def bench_draws(name: str, g, hook: str, sae, n_draws: int, pos: int, n_seqs: int) -> dict[str, float]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from actstore import store as st
 from actstore.draws import check_draws, draw_batch
 from actstore.errors import StoreError, UsageError
 from actstore.geometry import moments, position_rows
-from actstore.metrics import activation_metrics, baselines, rate_and_latents, sequence_generators
+from actstore.metrics import activation_columns, baselines, rate_and_latents, sequence_generators, to_host
 from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
 from actstore.patching import Batch, Patcher, batches, place
@@ -356,18 +358,19 @@ class _Collected:
 def sparse_codes(
     batch: Batch, top_acts: torch.Tensor, top_indices: torch.Tensor
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The `codes` rows of a batch (active latents only, by latent within a token) and each one's token row."""
-    idx, order = top_indices.sort(dim=-1)
-    vals = top_acts.gather(-1, order)
-    token_row, slot = (vals != 0).nonzero(as_tuple=True)
+    """The `codes` rows of a batch (active latents only, by latent within a token) and each one's token row.
+    Sorted and filtered on the host: two copies of the (tokens, k) codes, no sync per step."""
+    idx, vals = top_indices.cpu().numpy(), top_acts.float().cpu().numpy()
+    order = np.argsort(idx, axis=-1)  # a token's latents are distinct: any sort gives this order
+    idx, vals = np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
+    token_row, slot = np.nonzero(vals)
     seq_len = batch.tokens.shape[1]
-    token_row_np = token_row.cpu().numpy()
     return {
-        "seq": batch.seqs[token_row_np // seq_len],
-        "pos": (token_row_np % seq_len).astype(np.int16),
-        "latent": idx[token_row, slot].cpu().numpy().astype(np.int32),
-        "value": vals[token_row, slot].cpu().numpy().astype(np.float32),
-    }, token_row_np
+        "seq": batch.seqs[token_row // seq_len],
+        "pos": (token_row % seq_len).astype(np.int16),
+        "latent": idx[token_row, slot].astype(np.int32),
+        "value": vals[token_row, slot].astype(np.float32),
+    }, token_row
 
 
 def _evaluate_hook(
@@ -397,40 +400,66 @@ def _evaluate_hook(
     collected = {s.sae_id: _Collected() for s in saes}
     who = "" if w.single else f", rank 0 of {w.size}"
     bar = token_bar(progress and w.leader, len(seqs) * seq_len, f"eval {hook} ({plural_saes(len(saes))}{who})")
-    for batch in batches(group, model, patcher, seqs, o.batch_size, device):
-        x, x_live, clean = batch.x, batch.x_live, batch.clean
-        d = x.shape[2]
-        base = {**batch.token_key(), "ce_orig": clean.ce.cpu().numpy()}
-        zero = place(x_live, torch.zeros_like(x_live), o.patch_pos)
-        base["ce_zero"], base["kl_zero"] = clean.score(patcher.logits(batch.tokens, zero))
-        sens = None
-        if o.sensitivity:  # shared by every SAE of the hook: the gradient and iso_sens's probes
-            probe_gen = sequence_generators(o.seed, batch.seqs, "probes")  # per sequence: any batching
-            sens = BatchSensitivity(patcher, batch, o.probes, probe_gen, o.patch_pos)
-            base |= sens.shared() | sens.columns({"zero": zero})
-        for s in saes:
-            xf = x.reshape(-1, d)
-            codes = s.encode(xf)
-            xh = s.decode(*codes)
-            row = {**base, **activation_metrics(xf, xh, (codes.top_acts != 0).sum(-1), mu)}
-            gen = sequence_generators(o.seed, batch.seqs, "baselines")  # per sequence: any batching
-            patches = {"patched": xh.cpu(), **baselines(xf.cpu(), xh.cpu(), gen)}
-            placed = {}
-            for name, candidate in patches.items():
-                placed[name] = place(x_live, candidate.to(device).reshape(x.shape), o.patch_pos)
-                row[f"ce_{name}"], row[f"kl_{name}"] = clean.score(patcher.logits(batch.tokens, placed[name]))
-            if sens is not None:
-                row |= sens.columns(placed)
-            collected[s.sae_id].add(row, *sparse_codes(batch, *codes))
-            if o.eps_draws is not None:
-                collected[s.sae_id].add_draws(*draw_batch(patcher, batch, xh, o.patch_pos, o.eps_draws, o.seed))
-            span = slice(int(batch.seqs[0]), int(batch.seqs[-1]) + 1)
-            recon[s.sae_id][span] = st.to_stored(xh.reshape(x.shape), st.stored_dtype(recon[s.sae_id]))
-        if bar is not None:
-            bar.update(x.shape[0] * seq_len)
+    with ThreadPoolExecutor(1, thread_name_prefix="actstore-recon") as writer:
+        pending: list[Future] = []
+        for batch in batches(group, model, patcher, seqs, o.batch_size, device):
+            write = lambda sae_id, span, xh: pending.append(writer.submit(_write_recon, recon[sae_id], span, xh))  # noqa: E731
+            _evaluate_batch(batch, patcher, saes, o, mu, collected, write)
+            if bar is not None:
+                bar.update(batch.x.shape[0] * seq_len)
+        for done in pending:  # a failed write raises here
+            done.result()
     if bar is not None:
         bar.close()
     return {s.sae_id: _frames(s, store_path, collected[s.sae_id], n_seq, o, w, patcher.path) for s in saes}
+
+
+def _evaluate_batch(
+    batch: Batch,
+    patcher: Patcher,
+    saes: list[EvalSAE],
+    o: EvalOptions,
+    mu: torch.Tensor,
+    collected: dict[str, _Collected],
+    write: Callable[[str, slice, torch.Tensor], None],
+) -> None:
+    """One batch through every SAE of the hook. Everything per token stays on the device until one copy
+    per SAE (`to_host`); the reconstruction is copied once and handed to `write` (the writer thread)."""
+    x, x_live, clean = batch.x, batch.x_live, batch.clean
+    d = x.shape[2]
+    zero = place(x_live, torch.zeros_like(x_live), o.patch_pos)
+    ((ce_zero, kl_zero),) = patcher.score(clean, batch.tokens, [zero])
+    shared = {"ce_orig": clean.ce, "ce_zero": ce_zero, "kl_zero": kl_zero}
+    key, sens_base, sens = batch.token_key(), {}, None
+    if o.sensitivity:  # shared by every SAE of the hook: the gradient and iso_sens's probes
+        probe_gen = sequence_generators(o.seed, batch.seqs, "probes")  # per sequence: any batching
+        sens = BatchSensitivity(patcher, batch, o.probes, probe_gen, o.patch_pos)
+        sens_base = sens.shared() | sens.columns({"zero": zero})
+    for s in saes:
+        xf = x.reshape(-1, d)
+        codes = s.encode(xf)
+        xh = s.decode(*codes)
+        cols = shared | activation_columns(xf, xh, (codes.top_acts != 0).sum(-1), mu)
+        gen = sequence_generators(o.seed, batch.seqs, "baselines")  # per sequence: any batching
+        patches = {"patched": xh, **baselines(xf, xh, gen)}
+        placed = {name: place(x_live, c.reshape(x.shape), o.patch_pos) for name, c in patches.items()}
+        for name, (ce, kl) in zip(placed, patcher.score(clean, batch.tokens, list(placed.values())), strict=True):
+            cols[f"ce_{name}"], cols[f"kl_{name}"] = ce, kl
+        host = to_host(cols)
+        row = key | {k: host.pop(k) for k in shared} | sens_base | host  # the columns' order as always
+        if sens is not None:
+            row |= sens.columns(placed)
+        collected[s.sae_id].add(row, *sparse_codes(batch, *codes))
+        if o.eps_draws is not None:
+            collected[s.sae_id].add_draws(*draw_batch(patcher, batch, xh, o.patch_pos, o.eps_draws, o.seed))
+        span = slice(int(batch.seqs[0]), int(batch.seqs[-1]) + 1)
+        write(s.sae_id, span, xh.reshape(x.shape).cpu())
+
+
+def _write_recon(arr: Any, span: slice, xh: torch.Tensor) -> None:
+    """The reconstructions of a batch into `recon/<sae_id>/<hook>` (on the writer thread: one at a time,
+    in batch order, so two batches sharing a chunk never race)."""
+    arr[span] = st.to_stored(xh, st.stored_dtype(arr))
 
 
 def _frames(
