@@ -105,3 +105,43 @@ def random_pythia(root: Path, shape: str = "pythia-70m", seed: int = 0) -> str:
     GPTNeoXForCausalLM(cfg).save_pretrained(root)
     byte_tokenizer().save_pretrained(root)
     return str(root)
+
+
+def random_gemma2(root: Path, layers: int = 2, width: int = 32, window: int = 4, softcap: float = 5.0, seed: int = 0):
+    """A tiny Gemma-2 with random weights and the byte tokenizer, saved as an HF directory; returns the model.
+
+    Why: Gemma-2 is the architecture whose final logits are soft-capped and whose even layers see a sliding
+    window, the two things a shared-suffix patch path can get wrong. The embedding (tied to the unembedding)
+    is scaled up so the logits sit far beyond the cap and a missing cap shows; `window` below the sequence
+    length makes the window matter. Layers alternate sliding and full attention, as Gemma-2's do.
+    """
+    import shutil
+
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 16,
+        num_key_value_heads=max(1, width // 32),
+        head_dim=16,
+        max_position_embeddings=128,
+        final_logit_softcapping=softcap,
+        attn_logit_softcapping=50.0,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+        bos_token_id=EOT_ID,
+        eos_token_id=EOT_ID,
+        pad_token_id=EOT_ID,
+    )
+    hf = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # tied embedding: logits reach ~±60 at width 32, twelve times a cap of 5
+        hf.model.embed_tokens.weight.mul_(40.0)
+    hf.save_pretrained(root)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_DIR / name, Path(root) / name)
+    return hf

@@ -48,7 +48,7 @@ from actstore.steps.evaluate import EvalOptions, evaluate
 from actstore.steps.harvest import HarvestOptions, harvest
 from actstore.steps.train import TrainOptions, train
 from actstore.tables import PATCHES
-from actstore.tiny import EOT_ID, TINY_DIR, VOCAB_SIZE, random_pythia
+from actstore.tiny import VOCAB_SIZE, random_gemma2, random_pythia
 from actstore.trainee import Trainee
 
 TINY_HOOKS = ("blocks.1.hook_resid_post", "blocks.3.hook_resid_post")
@@ -239,37 +239,6 @@ def check_eval(tmp: Path, device: str, quick: bool) -> dict:
 # --------------------------------------------------------------------------------------------- patching
 
 
-def _gemma2_dir(root: Path) -> Path:
-    """A tiny random Gemma-2 with a final softcap that binds and a sliding window shorter than the batch."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Gemma2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        final_logit_softcapping=5.0,
-        attn_logit_softcapping=50.0,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        bos_token_id=EOT_ID,
-        eos_token_id=EOT_ID,
-        pad_token_id=EOT_ID,
-    )
-    hf = Gemma2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        hf.model.embed_tokens.weight.mul_(40.0)  # logits far beyond the cap, so a missing cap shows
-    hf.save_pretrained(root)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TINY_DIR / name, root / name)
-    return root
-
-
 def _patch_path(model: LoadedModel, hook: str, device: str) -> dict:
     patcher = Patcher(model, hook)
     tokens = torch.randint(0, VOCAB_SIZE, (4, 32), generator=torch.Generator().manual_seed(7)).to(device)
@@ -283,7 +252,8 @@ def _patch_path(model: LoadedModel, hook: str, device: str) -> dict:
 
 def check_patching(tmp: Path, device: str) -> dict:
     neox = _patch_path(load_model("tiny", device, "float32"), "blocks.3.hook_resid_post", device)
-    gemma = load_model(str(_gemma2_dir(tmp / "gemma2")), device, "float32")
+    random_gemma2(tmp / "gemma2", layers=4, width=64, window=8)  # softcap 5, logits far beyond it
+    gemma = load_model(str(tmp / "gemma2"), device, "float32")
     gemma2 = _patch_path(gemma, "blocks.1.hook_resid_post", device)
     gemma2["softcap"] = gemma.bridge.cfg.output_logits_soft_cap
     ok = all(c["path"] == "suffix" and c["max_gap_rel"] <= c["tol"] for c in (neox, gemma2))

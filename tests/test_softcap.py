@@ -8,14 +8,12 @@ by many-fold, not by the 0.2 % that hid it behind the old probe's tolerance.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from actstore.model import capture, load_model
 from actstore.patching import Patcher, agreement_tolerance
-from actstore.tiny import EOT_ID, TINY_DIR, VOCAB_SIZE
+from actstore.tiny import VOCAB_SIZE, random_gemma2
 
 CAP = 5.0
 HOOK = "blocks.0.hook_resid_post"
@@ -23,34 +21,9 @@ HOOK = "blocks.0.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def gemma2_dir(tmp_path_factory):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Gemma2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=64,
-        final_logit_softcapping=CAP,
-        attn_logit_softcapping=50.0,
-        sliding_window=4,  # below the 11-token probe and the 16-token batches: layer 0's window matters
-        layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=EOT_ID,
-        eos_token_id=EOT_ID,
-        pad_token_id=EOT_ID,
-    )
-    hf = Gemma2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # tied embedding: logits reach ~±60, twelve times the cap
-        hf.model.embed_tokens.weight.mul_(40.0)
+    """2 layers, d_model 32, softcap 5, window 4: below the 11-token probe and the 16-token batches."""
     directory = tmp_path_factory.mktemp("gemma2")
-    hf.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TINY_DIR / name, directory / name)
-    return directory, hf
+    return directory, random_gemma2(directory, layers=2, width=32, window=4, softcap=CAP)
 
 
 def _tokens(n: int = 3, t: int = 16) -> torch.Tensor:
