@@ -140,14 +140,6 @@ def all_sum(t: torch.Tensor, w: World) -> torch.Tensor:
     return t
 
 
-def all_max(t: torch.Tensor, w: World) -> torch.Tensor:
-    if not w.single:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def agreed(step: Callable[[], T], w: World, leader_only: bool = False) -> T | None:
     """Run `step` (on rank 0 only with `leader_only`), then raise on every rank the first rank's user error.
 
