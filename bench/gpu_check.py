@@ -25,6 +25,7 @@ Exit status 1 when a check fails; the last line is the JSON object either way.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -318,24 +319,15 @@ def bench_harvest(tmp: Path, device: str, quick: bool) -> dict:
 
 
 def _sparsify_step(d: int, expansion: int, k: int, device: str) -> Callable[[torch.Tensor], None] | None:
+    """bench/train.py's sparsify step (the same one its CPU comparison times), or None without sparsify."""
     try:
-        from sparsify import SparseCoder, SparseCoderConfig
+        import sparsify  # noqa: F401
     except ImportError:
         return None
-    sae = SparseCoder(d, SparseCoderConfig(expansion_factor=expansion, k=k), device=device)
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-4, eps=6.25e-10)
-    dead = torch.zeros(sae.num_latents, dtype=torch.bool, device=device)
-
-    def step(x: torch.Tensor) -> None:  # sparsify's own training step: FVU + AuxK, upkeep, clip, Adam
-        out = sae(x, dead_mask=dead)
-        opt.zero_grad()
-        (out.fvu + out.auxk_loss / 32).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
-
-    return step
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).with_name("train.py"))
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    return bench_train.sparsify_step(d, expansion, k, device)
 
 
 def _steps_per_s(

@@ -163,14 +163,16 @@ def quality(tmp: Path, ks: list[int], budgets: list[int], expansion: int = 8) ->
     }
 
 
-def sparsify_step_tokens_per_s(batches: list, k: int, expansion: int) -> float:
-    """sparsify's SparseCoder doing the same step as ours (FVU + AuxK, backward, decoder upkeep, clip, Adam)."""
+def sparsify_step(d: int, expansion: int, k: int, device: str = "cpu"):
+    """sparsify's SparseCoder doing the same step as ours (FVU + AuxK, backward, decoder upkeep, clip, Adam).
+
+    Also used by bench/gpu_check.py, on the GPU."""
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
 
-    sae = SparseCoder(batches[0].shape[1], SparseCoderConfig(expansion_factor=expansion, k=k), device="cpu")
+    sae = SparseCoder(d, SparseCoderConfig(expansion_factor=expansion, k=k), device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=2e-4, eps=6.25e-10)
-    dead = torch.zeros(sae.num_latents, dtype=torch.bool)
+    dead = torch.zeros(sae.num_latents, dtype=torch.bool, device=device)
 
     def step(x: torch.Tensor) -> None:
         out = sae(x, dead_mask=dead)
@@ -181,6 +183,12 @@ def sparsify_step_tokens_per_s(batches: list, k: int, expansion: int) -> float:
         opt.step()
         sae.set_decoder_norm_to_unit_norm()
 
+    return step
+
+
+def sparsify_step_tokens_per_s(batches: list, k: int, expansion: int) -> float:
+    """Tokens/s of sparsify's step over the batches after one warm-up step."""
+    step = sparsify_step(batches[0].shape[1], expansion, k)
     step(batches[0])
     t0 = time.perf_counter()
     for b in batches[1:]:
