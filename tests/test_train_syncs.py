@@ -170,3 +170,19 @@ def test_the_sync_free_replacements_give_the_same_integers():
         want = mask.nonzero().squeeze(1)
         got = _first_true(mask, len(want))
         assert (got is None and len(want) == 0) or torch.equal(got, want)
+
+
+def test_data_parallel_ranks_ask_rank_0_about_checkpoints_only_on_logging_batches(monkeypatch):
+    """The broadcast of rank 0's clock is a host sync: it must not run on every batch."""
+    from actstore import distributed
+    from actstore.steps import train
+
+    asked = []
+    monkeypatch.setattr(distributed, "broadcast", lambda value, w: asked.append(value) or value)
+    o = TrainOptions(data_parallel=True, checkpoint_seconds=0, log_every=5)
+    world = distributed.World(rank=1, size=2)
+    due = [train._checkpoint_due(0.0, o, world, n) for n in range(1, 21)]
+    assert due == [n % 5 == 0 for n in range(1, 21)]  # due at once, but only asked on logging batches
+    assert len(asked) == 4
+    alone = [train._checkpoint_due(0.0, o, distributed.World(), n) for n in range(1, 4)]
+    assert alone == [True] * 3 and len(asked) == 4  # one process: its own clock, every batch, no broadcast

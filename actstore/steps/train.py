@@ -389,7 +389,7 @@ def _train_hook(
     last_ckpt = time.monotonic()
     saved = {s.sae_id for s in members if rundir.is_trained(run, s.sae_id)}
     with _background_checkpoints(ckpt_path) as checkpoints:
-        for batch in loader:
+        for n_batch, batch in enumerate(loader, 1):
             active = [t for t in trainees if not t.done]
             for t, n_dead in zip(active, count_dead(active), strict=True):  # one read for the whole sweep
                 t.train_step(batch, n_dead)
@@ -403,7 +403,7 @@ def _train_hook(
             if bar is not None:
                 bar.update(len(batch))
                 bar.set_postfix(fvu=_logged_fvu(active), refresh=False)
-            if _checkpoint_due(last_ckpt, o, w) and position < total and writes:
+            if _checkpoint_due(last_ckpt, o, w, n_batch) and position < total and writes:
                 checkpoints.write({"key": ckpt_key, "position": position, "trainees": [t.state() for t in trainees]})
                 last_ckpt = time.monotonic()
     if bar is not None:
@@ -515,12 +515,16 @@ def sweep_memory(specs: list[SAESpec], d_in: int, batch_size: int) -> int:
     return held + step
 
 
-def _checkpoint_due(last: float, o: TrainOptions, w: distributed.World) -> bool:
-    """Time for a checkpoint; with data parallelism rank 0's clock decides for all (the ranks step together)."""
-    due = time.monotonic() - last >= o.checkpoint_seconds
+def _checkpoint_due(last: float, o: TrainOptions, w: distributed.World, n_batch: int) -> bool:
+    """Time for a checkpoint. With data parallelism the ranks step together, so rank 0's clock decides for
+    all; it is asked only every `log_every` batches, when the steps' FVUs are read from the device anyway,
+    so the broadcast (a host sync) costs no other step anything and a checkpoint comes at most
+    `log_every` batches late."""
     if o.data_parallel and not w.single:
-        due = bool(distributed.broadcast(due, w))
-    return due
+        if n_batch % o.log_every:
+            return False
+        return bool(distributed.broadcast(time.monotonic() - last >= o.checkpoint_seconds, w))
+    return time.monotonic() - last >= o.checkpoint_seconds
 
 
 def _undertrained(t: Trainee) -> bool | None:
