@@ -45,7 +45,6 @@ holds what was not yet committed; a fresh machine resumes from what was committe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -58,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from actstore.errors import StoreError, UsageError
+from actstore.writer_lock import flocked
 
 META = "_actstore"
 COMMITS = f"{META}/commits"
@@ -335,20 +335,9 @@ class RunSync:
     @contextlib.contextmanager
     def locked(self, command: str, wait: bool) -> Iterator[None]:
         """This copy for one process at a time (writers refuse a second; readers wait their turn)."""
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-                raise UsageError(
-                    f"{self.url} is being worked on from this machine by {holder}; wait for it before `{command}`"
-                ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} ({command})".encode(), 0)
+        refusal = f"{self.url} is being worked on from this machine by {{holder}}; wait for it before `{command}`"
+        with flocked(self.lock_file, command, refusal, wait=wait, what=f"cannot keep a local copy of {self.url}"):
             yield
-        finally:
-            os.close(fd)
 
     # -- the log --
     def _commit_names(self) -> list[tuple[int, str]]:

@@ -39,21 +39,32 @@ def exclusive(target: str | Path, kind: str, command: str) -> Iterator[None]:
     if path is None:
         yield
         return
+    refusal = f"{target} is being written by {{holder}}; wait for it to finish (or stop it) before `{command}`"
+    with flocked(path, command, refusal, what=f"cannot write {target}"):
+        yield
+
+
+@contextmanager
+def flocked(path: Path, command: str, refusal: str, *, wait: bool = False, what: str = "") -> Iterator[None]:
+    """An exclusive `flock` on the file `path` for the block, with this process written in it as the holder.
+
+    Held by another process: with `wait` block until it is free, else raise UsageError(`refusal` with
+    {holder} filled in). Unopenable: UsageError("`what`: the reason at the directory; choose another path").
+    The one owner of the lock files' protocol: the writer locks here and a run copy's lock (actstore/objstore.py).
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise UsageError(
-            f"cannot write {target}: {exc.strerror or exc} at {path.parent}; choose another path"
+            f"{what or f'cannot lock {path}'}: {exc.strerror or exc} at {path.parent}; choose another path"
         ) from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise UsageError(
-                f"{target} is being written by {holder}; wait for it to finish (or stop it) before `{command}`"
-            ) from None
+            raise UsageError(refusal.replace("{holder}", holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} ({command})".encode(), 0)
         yield

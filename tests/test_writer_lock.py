@@ -20,6 +20,15 @@ with exclusive(sys.argv[1], sys.argv[2], "actstore harvest"):
     time.sleep(60)
 """
 
+HOLD_FILE = """
+import sys, time
+from pathlib import Path
+from actstore.writer_lock import flocked
+with flocked(Path(sys.argv[1]), "actstore train", "held by {holder}"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
 
 def _holder(target, kind):
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target), kind], stdout=subprocess.PIPE, text=True)
@@ -61,3 +70,35 @@ def test_run_locks_are_per_run_and_reentrant_across_calls(tmp_path):
         pass
     assert time.monotonic() - start < 5
     assert lock_path("s3://bucket/store.zarr", "store") is None  # object storage is not locked here
+
+
+def test_a_run_copys_lock_refuses_a_second_writer_and_lets_a_reader_wait(tmp_path, monkeypatch):
+    """objstore's local copy of a run URL takes its lock through the same `flocked` as the writer locks."""
+    import threading
+
+    from actstore.objstore import RunSync
+
+    monkeypatch.setenv("ACTSTORE_CACHE", str(tmp_path / "cache"))
+    sync = RunSync("memory://bucket/run{x}", "work")  # braces in a URL stay as they are in the message
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_FILE, str(sync.lock_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=rf"run\{{x\}} is being worked on from this machine by pid {proc.pid}"):
+            with sync.locked("actstore eval", wait=False):
+                pass
+        entered = threading.Event()
+
+        def reader() -> None:
+            with sync.locked("reading", wait=True):
+                entered.set()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        assert not entered.wait(0.5)  # waits its turn …
+        proc.kill()
+        proc.wait()
+        t.join(30)
+        assert entered.is_set()  # … and runs once the holder is gone
+    finally:
+        proc.kill()
+        proc.wait()
