@@ -9,7 +9,7 @@ clean P once (CE of the true next token, KL(P ‖ Q)).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from actstore import store as st
+from actstore.errors import UsageError
 from actstore.model import LoadedModel, blocks_after, capture
 
-# Memory budgets of eval's scoring (docs/DESIGN.md, "Eval's memory"):
+# Memory budgets of eval's scoring (docs/DESIGN.md, "The GPU path", the paragraph "Eval scores on the device"):
 STACK_BYTES = 1 << 30  # activations inside a block of the patches stacked in one call above the hook
-VOCAB_BYTES = 1 << 32  # a batch's arrays at tokens × vocabulary (clean logits, P, one patch's logits, log P)
+VOCAB_BYTES = 1 << 32  # a batch's (or row block's) arrays at tokens × vocabulary: clean z_P, P, a patch's logits, log P
 VOCAB_ARRAYS = 4  # … of 4 bytes each per token and vocabulary entry
 HEAD_BYTES = {"cpu": 1 << 25, "other": 1 << 30}  # logits of one block of unembedded rows: cache-sized on a CPU
 # Stack the patches and block the unembedding (`Patcher.score`) on accelerators only: on a 2-core CPU it
@@ -44,10 +45,34 @@ def head_rows(d_vocab: int, device: torch.device | str) -> int:
 
 def sequences_per_batch(batch_size: int, seq_len: int, d_vocab: int) -> int:
     """`batch_size`, lowered so that a batch's tokens × vocabulary arrays fit VOCAB_BYTES (never below one
-    sequence): with a 256k vocabulary, 16 sequences of 1,024 tokens would hold 16 GB per array. The records do
-    not depend on it (every draw is per sequence; every layer and the scoring act per sequence or token)."""
-    per_seq = seq_len * d_vocab * 4 * VOCAB_ARRAYS
-    return max(1, min(batch_size, VOCAB_BYTES // per_seq))
+    sequence): with a 256k vocabulary, 16 sequences of 1,024 tokens would hold 16 GB per array. One sequence
+    over the budget (256k × 2,048 tokens: 8 GiB) is scored in blocks of `vocab_rows` tokens on the direct
+    path (`Patcher.clean`). The records do not depend on it (every draw is per sequence; every layer and the
+    scoring act per sequence or token)."""
+    return max(1, min(batch_size, VOCAB_BYTES // _vocab_bytes(seq_len, d_vocab)))
+
+
+def vocab_rows(d_vocab: int) -> int:
+    """Tokens whose VOCAB_ARRAYS arrays at tokens × vocabulary fit VOCAB_BYTES: the row block of a clean
+    distribution kept as its final residual (a multiple of CleanDistribution.ROWS, at least one)."""
+    rows = VOCAB_BYTES // _vocab_bytes(1, d_vocab) // CleanDistribution.ROWS * CleanDistribution.ROWS
+    return max(CleanDistribution.ROWS, rows)
+
+
+def _vocab_bytes(n_tokens: int, d_vocab: int) -> int:
+    return n_tokens * d_vocab * 4 * VOCAB_ARRAYS
+
+
+def check_whole_fits(n_tokens: int, d_vocab: int, what: str) -> None:
+    """Refuse, in one line, what needs a sequence's clean arrays at tokens × vocabulary whole (--sensitivity's
+    P) when they exceed VOCAB_BYTES; eval itself scores such a sequence per block of rows."""
+    if _vocab_bytes(n_tokens, d_vocab) > VOCAB_BYTES:
+        gib = _vocab_bytes(n_tokens, d_vocab) / 2**30
+        raise UsageError(
+            f"{what} needs {gib:.1f} GiB at tokens × vocabulary for one sequence, over eval's "
+            f"{VOCAB_BYTES / 2**30:g} GiB (patching.VOCAB_BYTES): eval scores such a sequence per block of "
+            "rows, but --sensitivity needs it whole; harvest shorter sequences (--seq-len)"
+        )
 
 
 class Patcher:
@@ -99,6 +124,22 @@ class Patcher:
         return self.logits(tokens, replacement)[:, pos]
 
     @torch.inference_mode()
+    def clean(self, tokens: Tensor, x_live: Tensor) -> CleanDistribution:
+        """The clean distribution of a batch from its activations at the hook: whole when its arrays at
+        tokens × vocabulary fit VOCAB_BYTES; otherwise (one sequence over it) kept as the final residual
+        and unembedded per block of `vocab_rows` tokens when scored. The full-forward path has no final
+        residual to keep: there the whole logits stay, over the budget or not."""
+        d_vocab = int(self.model.bridge.cfg.d_vocab)
+        if self.start is None or _vocab_bytes(tokens.numel(), d_vocab) <= VOCAB_BYTES:
+            return CleanDistribution(self.logits(tokens, x_live), tokens)
+        return CleanDistribution.from_residual(self._blocks(x_live), self.head_of, tokens, d_vocab)
+
+    @torch.inference_mode()
+    def head_of(self, h: Tensor) -> Tensor:
+        """The logits (rows, d_vocab) of final residuals `h` (rows, d_model): a kept clean distribution's rows."""
+        return self._head(h[None])[0]
+
+    @torch.inference_mode()
     def score(
         self, clean: CleanDistribution, tokens: Tensor, replacements: Sequence[Tensor]
     ) -> list[tuple[Tensor, Tensor]]:
@@ -107,16 +148,33 @@ class Patcher:
         On the direct path the patches run the layers above the hook stacked, as many per call as
         STACK_BYTES allows (one call instead of one per patch), and the unembedding runs on blocks of
         `head_rows` tokens each scored at once, so no patch's logits exist at batch × vocabulary and a
-        block is scored while it is still in cache. Per token the numbers do not depend on how the
-        patches are stacked or the rows blocked: every layer acts on a sequence or a token alone."""
-        if self.start is None or not STACKED[_kind(tokens.device)]:
+        block is scored while it is still in cache. A clean distribution kept as its final residual is
+        unembedded once per block of its rows, every patch scored against that block before the next (on
+        a CPU too, one patch per call there). Per token the numbers do not depend on how the patches are
+        stacked or the rows blocked: every layer acts on a sequence or a token alone."""
+        stacked = STACKED[_kind(tokens.device)]
+        if self.start is None or (clean.h is None and not stacked):
             return [clean.score_tensors(self.logits(tokens, r)) for r in replacements]
-        out: list[tuple[Tensor, Tensor]] = []
-        per_call = self._patches_per_call(tokens.shape)
+        finals = self._finals(tokens.shape, replacements, self._patches_per_call(tokens.shape) if stacked else 1)
+        if clean.h is None:
+            return [self._score_rows(clean, h) for h in finals]  # a group's residuals live while scored
+        return self._score_blocks(clean, list(finals))
+
+    def _finals(self, shape: torch.Size, replacements: Sequence[Tensor], per_call: int) -> Iterator[Tensor]:
+        """The residual after the last block of each replacement, (1, tokens, d_model), `per_call` per call."""
         for first in range(0, len(replacements), per_call):
             group = replacements[first : first + per_call]
-            h = self._blocks(torch.cat([r.reshape(*tokens.shape, -1) for r in group]))
-            out += [self._score_rows(clean, part.reshape(1, -1, part.shape[-1])) for part in h.chunk(len(group))]
+            h = self._blocks(torch.cat([r.reshape(*shape, -1) for r in group]))
+            yield from (part.reshape(1, -1, part.shape[-1]) for part in h.chunk(len(group)))
+
+    def _score_blocks(self, clean: CleanDistribution, finals: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """(ce, kl) of each final residual against a kept clean distribution, its row blocks outermost."""
+        n_tok = len(clean.ce)
+        out = [(torch.empty(n_tok, device=h.device), torch.empty(n_tok, device=h.device)) for h in finals]
+        for start in range(0, n_tok, clean.span):
+            rows, part = slice(start, start + clean.span), clean.block(start)
+            for h, (ce, kl) in zip(finals, out, strict=True):
+                ce[rows], kl[rows] = self._score_rows(part, h[:, rows])
         return out
 
     def _score_rows(self, clean: CleanDistribution, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -252,30 +310,84 @@ class CleanDistribution:
     they are close), then the normalisers', then the product, so small KLs keep their precision and Q = P
     gives exactly 0; a block costs one logsumexp, two elementwise passes and one dot product over the
     vocabulary, and no log Q is written. Results stay on the device: `score_tensors` never syncs.
+
+    When those arrays would not fit VOCAB_BYTES (`from_residual`), only the final residual h is kept and
+    z_P, P, lse_P exist for one block of `span` rows at a time (`block`); `z`, `p` and `logp` of the whole
+    batch then refuse.
     """
 
     ROWS = 16
 
     def __init__(self, logits: Tensor, tokens: Tensor):
-        logits = logits.reshape(-1, logits.shape[-1])
-        self.z = logits.float() if logits.dtype != torch.float32 else logits
-        self.p = torch.empty_like(self.z)
+        self._fill(logits.reshape(-1, logits.shape[-1]), *_next_tokens(tokens))
+
+    def _fill(self, logits: Tensor, target: Tensor, has_next: Tensor) -> None:
+        """z_P, P, lse_P and the clean CE of every row of `logits` (a batch, or a block of a kept one)."""
+        self.target, self.has_next = target, has_next
+        self.h: Tensor | None = None
+        self.head: Callable[[Tensor], Tensor] | None = None
+        self.span, self.d_vocab = len(logits), logits.shape[-1]
+        self._z = logits.float() if logits.dtype != torch.float32 else logits
+        self._p = torch.empty_like(self._z)
         self.lse = torch.empty(len(logits), device=logits.device)
         for start in range(0, len(logits), self.ROWS):  # blocked, like `score_tensors`
             rows = slice(start, start + self.ROWS)
-            self.lse[rows] = torch.logsumexp(self.z[rows], -1)
-            torch.exp(self.z[rows] - self.lse[rows, None], out=self.p[rows])
-        nxt = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1).reshape(-1).long()
-        self.has_next = nxt >= 0
-        self.target = nxt.clamp_min(0)[:, None]
-        self.ce = self._ce(self.lse, self.z.gather(-1, self.target).squeeze(-1), slice(None))
+            self.lse[rows] = torch.logsumexp(self._z[rows], -1)
+            torch.exp(self._z[rows] - self.lse[rows, None], out=self._p[rows])
+        self.ce = self._ce(self.lse, self._z.gather(-1, self.target).squeeze(-1), slice(None))
         self._logp: Tensor | None = None
+
+    @classmethod
+    def from_residual(
+        cls, h: Tensor, head: Callable[[Tensor], Tensor], tokens: Tensor, d_vocab: int
+    ) -> CleanDistribution:
+        """The clean distribution kept as its final residual `h` (…, d_model): `head` maps rows of it
+        (rows, d_model) to logits (rows, d_vocab), `vocab_rows` at a time, so its arrays at tokens ×
+        vocabulary stay within VOCAB_BYTES (one sequence whose whole arrays would not)."""
+        clean = cls.__new__(cls)
+        clean.target, clean.has_next = _next_tokens(tokens)
+        clean.h, clean.head = h.reshape(-1, h.shape[-1]), head
+        clean.span, clean.d_vocab, clean._logp = vocab_rows(d_vocab), d_vocab, None
+        starts = range(0, len(clean.h), clean.span)
+        clean.ce = torch.cat([clean.block(start).ce for start in starts])  # each block dropped once read
+        return clean
+
+    def block(self, start: int) -> CleanDistribution:
+        """The clean distribution of rows start … start + span: itself when it holds the whole batch."""
+        if self.h is None:
+            return self
+        return self._rows(slice(start, start + self.span))
+
+    def _rows(self, rows: slice | Tensor) -> CleanDistribution:
+        """The clean distribution of token rows `rows`, unembedded from the kept final residual."""
+        assert self.h is not None and self.head is not None
+        part = CleanDistribution.__new__(CleanDistribution)
+        part._fill(self.head(self.h[rows]), self.target[rows], self.has_next[rows])
+        return part
+
+    def _whole(self, what: str) -> None:
+        """Refuse, in one line, an array of the whole batch that this distribution does not hold."""
+        if self.h is not None:
+            check_whole_fits(len(self.h), self.d_vocab, what)
+
+    @property
+    def z(self) -> Tensor:
+        """z_P, (tokens, d_vocab) float32."""
+        self._whole("the clean logits")
+        return self._z
+
+    @property
+    def p(self) -> Tensor:
+        """P, (tokens, d_vocab) float32 (sensitivity's Fisher products)."""
+        self._whole("P")
+        return self._p
 
     @property
     def logp(self) -> Tensor:
         """log P, (tokens, d_vocab) float32: built on first use (draws, sensitivity tests), not by eval's scoring."""
+        self._whole("log P")
         if self._logp is None:
-            self._logp = self.z - self.lse[:, None]
+            self._logp = self._z - self.lse[:, None]
         return self._logp
 
     def _ce(self, lse: Tensor, target_logit: Tensor, rows: slice | Tensor) -> Tensor:
@@ -283,16 +395,21 @@ class CleanDistribution:
 
     def score_block(self, logits: Tensor, rows: slice | Tensor) -> tuple[Tensor, Tensor]:
         """(ce, kl) of the Q given by `logits`, one row per token `rows` of the batch (at most ROWS of them)."""
+        if self.h is not None:  # kept as the final residual: these rows' P, unembedded now
+            return self._rows(rows).score_block(logits, slice(None))
         zq = logits.float()
         lse = torch.logsumexp(zq, -1)
-        d = self.z[rows] - zq  # z_P − z_Q: exact where the logits are close …
+        d = self._z[rows] - zq  # z_P − z_Q: exact where the logits are close …
         d -= (self.lse[rows] - lse)[:, None]  # … then log P − log Q, before any product
-        kl = torch.linalg.vecdot(self.p[rows], d)
+        kl = torch.linalg.vecdot(self._p[rows], d)
         return self._ce(lse, zq.gather(-1, self.target[rows]).squeeze(-1), rows), kl
 
     def score_tensors(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """(ce, kl) per token of Q given by `logits`, float32 on the device (ce NaN at the last position)."""
         logits = logits.reshape(-1, logits.shape[-1])
+        if self.h is not None:  # kept as the final residual: block by block of `span` rows
+            parts = [self.block(s).score_tensors(logits[s : s + self.span]) for s in range(0, len(logits), self.span)]
+            return torch.cat([ce for ce, _ in parts]), torch.cat([kl for _, kl in parts])
         ce = torch.empty(len(logits), device=logits.device)
         kl = torch.empty_like(ce)
         for start in range(0, len(logits), self.ROWS):
@@ -305,6 +422,12 @@ class CleanDistribution:
         ce, kl = self.score_tensors(logits)
         both = torch.stack([ce, kl]).cpu().numpy()
         return both[0], both[1]
+
+
+def _next_tokens(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token row: the next token (0 at a sequence's last position), (tokens, 1), and whether there is one."""
+    nxt = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -1)], 1).reshape(-1).long()
+    return nxt.clamp_min(0)[:, None], nxt >= 0
 
 
 def place(x_live: Tensor, candidate: Tensor, pos: int | None) -> Tensor:
@@ -358,5 +481,5 @@ def batches(
             tokens,
             x,
             x_live,
-            CleanDistribution(patcher.logits(tokens, x_live), tokens),
+            patcher.clean(tokens, x_live),
         )

@@ -574,9 +574,14 @@ def patch_parts(
             "nonlinear_norm": (e - linear).norm(dim=-1),
         }
         row = {k: v.cpu().numpy().astype(np.float32) if isinstance(v, torch.Tensor) else v for k, v in row.items()}
-        for name, candidate in {"linear": xh + linear, "nonlinear": xf - linear}.items():
-            replacement = place(batch.x_live, candidate.reshape(batch.x.shape), patch_pos)
-            row[f"ce_{name}"], row[f"kl_{name}"] = batch.clean.score(patcher.logits(batch.tokens, replacement))
+        placed = {
+            name: place(batch.x_live, candidate.reshape(batch.x.shape), patch_pos)
+            for name, candidate in {"linear": xh + linear, "nonlinear": xf - linear}.items()
+        }
+        scored = patcher.score(batch.clean, batch.tokens, list(placed.values()))  # eval's scoring, memory caps too
+        host = torch.stack([column for pair in scored for column in pair]).cpu().numpy()
+        for i, name in enumerate(placed):
+            row[f"ce_{name}"], row[f"kl_{name}"] = host[2 * i], host[2 * i + 1]
         for key, value in row.items():
             cols.setdefault(key, []).append(value)
         if bar is not None:

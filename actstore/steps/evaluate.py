@@ -31,7 +31,7 @@ from actstore.geometry import moments, position_rows
 from actstore.metrics import activation_columns, baselines, rate_and_latents, sequence_generators, to_host
 from actstore.model import COMPUTE_DTYPES, LoadedModel, check_runtime, load_model
 from actstore.options import option, positive
-from actstore.patching import Batch, Patcher, batches, place
+from actstore.patching import Batch, Patcher, batches, check_whole_fits, place
 from actstore.progress import plural_saes, token_bar
 from actstore.recon import recon_array
 from actstore.saeio import EvalSAE, load_eval_sae
@@ -392,6 +392,7 @@ def _evaluate_hook(
     patcher = Patcher(model, hook)
     if o.sensitivity:
         check_differentiable(patcher)
+        check_whole_fits(seq_len, int(model.bridge.cfg.d_vocab), "--sensitivity")
     if w.leader:  # created once, whole; every rank then writes its own chunks of it
         for s in saes:
             recon_array(group, hook, s.sae_id)
