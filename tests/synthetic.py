@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from actstore import store as st
 
@@ -26,7 +27,8 @@ def write_store(
     chunk_seqs: int = 16,
     dtype: str = "float32",
 ) -> str:
-    """A complete store holding `acts` (n_seq, seq_len, d) at `hook`, as harvest would leave it."""
+    """A complete store holding `acts` (n_seq, seq_len, d) at `hook`, as harvest would leave it (any stored
+    dtype, bfloat16 included, rounded as harvest rounds)."""
     n_seq, seq_len, d = acts.shape
     settings = {"model": model, "seq_len": seq_len, "dtype": dtype}
     g = st.create_store(
@@ -41,6 +43,6 @@ def write_store(
         attrs={"settings": settings, "model": {"name": model}, "seq_len": seq_len, "n_seq": n_seq},
     )
     g["tokens"][:] = np.zeros((n_seq, seq_len), dtype=np.int32)
-    g["acts"][hook][:] = acts.astype(dtype)
+    g["acts"][hook][:] = st.to_stored(torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32)), dtype)
     st.commit(g, n_seq)
     return path

@@ -16,9 +16,10 @@ import pytest
 import torch
 import zarr
 
-from actstore import store as st
 from actstore.errors import StoreError
 from actstore.loader import ActivationLoader, LoaderOptions
+
+from .synthetic import write_store
 
 HOOK = "blocks.0.hook_resid_post"
 N_SEQ, SEQ_LEN, D, CHUNK = 23, 6, 4, 4  # six chunks, the last one short
@@ -27,21 +28,7 @@ N_SEQ, SEQ_LEN, D, CHUNK = 23, 6, 4, 4  # six chunks, the last one short
 def _store(path: Path, dtype: str) -> str:
     """A complete store of `dtype` activations with a fractional, signed range (every bit pattern matters)."""
     acts = np.random.default_rng(5).standard_normal((N_SEQ, SEQ_LEN, D)).astype(np.float32) * 3
-    g = st.create_store(
-        str(path),
-        n_seq=N_SEQ,
-        seq_len=SEQ_LEN,
-        hook_dims={HOOK: D},
-        dtype=dtype,
-        codec="lz4",
-        chunk_seqs=CHUNK,
-        shard_seqs=None,
-        attrs={"settings": {"model": "synthetic", "seq_len": SEQ_LEN, "dtype": dtype}, "model": {"name": "synthetic"}},
-    )
-    g["tokens"][:] = np.zeros((N_SEQ, SEQ_LEN), dtype=np.int32)
-    g["acts"][HOOK][:] = st.to_stored(torch.from_numpy(acts), dtype)
-    st.commit(g, N_SEQ)
-    return str(path)
+    return write_store(str(path), acts, HOOK, chunk_seqs=CHUNK, dtype=dtype)
 
 
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
