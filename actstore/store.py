@@ -151,6 +151,16 @@ def create_store(
     return group
 
 
+def laid_out(group: zarr.Group, hooks: list[str]) -> bool:
+    """Whether every array `create_store` makes is there. A harvest killed while creating them left fewer
+    and wrote into none, so its store is created afresh; a store with a commit is never (stores older than
+    the chunk flags have none)."""
+    if committed(group) > 0:
+        return True
+    names = set(group.array_keys())
+    return {"tokens", COMMITS} <= names and "acts" in group and set(hooks) <= set(group["acts"].array_keys())
+
+
 def stored_dtype(arr: zarr.Array) -> str:
     """The dtype an array's values mean (`bfloat16` for its uint16 bit patterns), whatever Zarr stores."""
     return str(arr.attrs.get("actstore_dtype", arr.dtype))
@@ -259,6 +269,12 @@ def _finish_for_reader(path: str) -> None:
 
 
 _ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore writes a chunk there, then renames
+
+
+def holds_only_leftovers(path: Path) -> bool:
+    """True when the directory at PATH holds no file but a killed writer's temporary ones: a harvest killed
+    while zarr wrote the store's first `zarr.json` leaves just `zarr.<hex>.partial`, which is no store yet."""
+    return not any(f.is_file() and not _ZARR_TEMP.search(f.name) for f in path.rglob("*"))
 
 
 def clear_leftovers(path: str) -> int:

@@ -13,7 +13,7 @@ import zarr
 
 from actstore import store as st
 from actstore.corpus import CorpusOptions, token_sequences
-from actstore.errors import StoreError
+from actstore.errors import StoreError, UsageError
 from actstore.info import format_info, store_info
 from actstore.model import load_model
 from actstore.steps.harvest import HarvestOptions, harvest
@@ -376,6 +376,45 @@ def test_a_resumed_harvest_removes_the_chunk_files_a_killed_writer_left(small_st
     unrelated.write_text("mine")
     harvest(str(out), HarvestOptions(hooks=HOOKS, seq_len=64, tokens=24 * 64, batch_size=8, split="train"))
     assert not left.exists() and unrelated.exists()
+
+
+def test_a_harvest_killed_while_writing_the_stores_first_metadata_starts_afresh(tmp_path):
+    """Killed inside zarr's first write of `zarr.json`, a harvest leaves only `zarr.<uuid>.partial`: no store,
+    so the re-run creates one (and the leftover goes); a directory holding anything else is still refused."""
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    left = out / "zarr.0123456789abcdef0123456789abcdef.partial"
+    left.write_bytes(b'{"zarr_for')
+    opts = HarvestOptions(hooks=HOOKS[:1], seq_len=32, tokens=8 * 32, batch_size=8)
+    harvest(str(out), opts)
+    assert store_info(str(out))["complete"] and not left.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b"")
+    (other / "mine.txt").write_text("not a store")
+    with pytest.raises(UsageError, match="not an actstore store; choose an empty or new path"):
+        harvest(str(other), opts)
+    assert sorted(p.name for p in other.iterdir()) == ["mine.txt", "zarr.0123456789abcdef0123456789abcdef.partial"]
+
+
+@pytest.mark.parametrize("gone", ["commits", f"acts/{HOOKS[1]}"])
+def test_a_harvest_killed_while_creating_the_arrays_starts_afresh(tmp_path, gone):
+    """The arrays are created one by one after the group: a kill between leaves some missing and nothing
+    written, and the re-run gives the store an uninterrupted harvest gives."""
+    import shutil
+
+    opts = HarvestOptions(hooks=HOOKS, seq_len=32, tokens=8 * 32, batch_size=8)
+    ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    harvest(str(ref), opts)
+    harvest(str(out), opts)
+    g = zarr.open_group(out, mode="r+")
+    g.attrs["commit"] = {"n_seq": 0, "updated": st.now()}
+    g[st.COMMITS][:] = 0
+    shutil.rmtree(out / gone)
+    harvest(str(out), opts)
+    for hook in HOOKS:
+        assert np.array_equal(st.read_acts(st.open_store(str(out)), hook), st.read_acts(st.open_store(str(ref)), hook))
+    assert store_info(str(out))["complete"]
 
 
 def test_the_store_records_the_device_and_the_versions_that_computed_it(tmp_path):

@@ -158,7 +158,7 @@ def _existing_settings(out: str, overwrite: bool) -> dict[str, Any] | None:
             return None if attrs is None else dict(attrs.get("settings") or {"foreign": True})
         raise UsageError(f"{out} is a Zarr group but not an actstore store; use another URL")
     p = Path(out)
-    if not p.exists() or not any(p.iterdir()):
+    if not p.exists() or st.holds_only_leftovers(p):  # creating it overwrites what is there
         return None
     if not (p / "zarr.json").exists():
         raise UsageError(f"{out} exists and is not an actstore store; choose an empty or new path")
@@ -314,7 +314,7 @@ def _prepare(out: str, o: HarvestOptions, overwrite: bool, progress: bool) -> tu
     if _existing_settings(target, overwrite=True) == settings:
         group = zarr.open_group(target, mode="r+")
         st.clear_leftovers(target)  # a killed writer's half-written chunk files (we hold the lock)
-        if "tokens" not in group:  # killed while its arrays were being created: nothing was written
+        if not st.laid_out(group, list(o.hooks)):  # killed while its arrays were being created: nothing written
             group = None
     if group is None:
         return "new", target
