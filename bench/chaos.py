@@ -284,17 +284,7 @@ def campaign(name: str, kills: int, seed: int, root: Path, log: Callable[[str], 
         if rng.random() < 0.5:  # killed again while resuming
             moments.append(rng.uniform(0.0, total_s * 0.95))
             landed += _kill_at(case.argv(live), moments[1])
-        done = subprocess.run(case.argv(live), cwd=REPO, capture_output=True, text=True)
-        problem = None
-        if done.returncode != 0:
-            problem = f"re-run exited {done.returncode}: {done.stderr.strip()[-300:]}"
-        else:
-            try:
-                got = case.fingerprint(live)
-                if got != want:
-                    problem = _difference(want, got)
-            except Exception as exc:  # a damaged file found by its sums, an unreadable Parquet …
-                problem = f"{type(exc).__name__}: {str(exc)[:300]}"
+        problem = rerun_and_compare(case, live, want)
         if problem is None:
             survived += 1
         else:
@@ -306,6 +296,18 @@ def campaign(name: str, kills: int, seed: int, root: Path, log: Callable[[str], 
         "command": name, "survived": survived, "total": kills, "kills_landed": landed,
         "uninterrupted_s": round(total_s, 2), "first_write_s": round(first_s, 2), "failures": failures,
     }  # fmt: skip
+
+
+def rerun_and_compare(case: Case, live: Path, want: Any, env: dict[str, str] | None = None) -> str | None:
+    """Re-run the interrupted command to completion; what is wrong with the result, None if it matches WANT."""
+    done = subprocess.run(case.argv(live), cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"re-run exited {done.returncode}: {done.stderr.strip()[-300:]}"
+    try:
+        got = case.fingerprint(live)
+    except Exception as exc:  # a damaged file found by its sums, an unreadable Parquet …
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return None if got == want else _difference(want, got)
 
 
 def _difference(want: Any, got: Any) -> str:

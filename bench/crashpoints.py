@@ -141,17 +141,7 @@ def sweep(name: str, budget: int, root: Path, log: Any = print, only: list[int] 
             failures.append({"point": n, "problem": f"the stopped run exited {run.returncode}: {run.stderr[-300:]}"})
             continue
         stopped += run.returncode == CRASHED
-        done = subprocess.run(case.argv(live), cwd=REPO, env=env, capture_output=True, text=True)
-        problem = None
-        if done.returncode != 0:
-            problem = f"re-run exited {done.returncode}: {done.stderr.strip()[-300:]}"
-        else:
-            try:
-                got = case.fingerprint(live)
-                if got != want:
-                    problem = chaos._difference(want, got)
-            except Exception as exc:  # a damaged file found by its sums, an unreadable Parquet …
-                problem = f"{type(exc).__name__}: {str(exc)[:300]}"
+        problem = chaos.rerun_and_compare(case, live, want, env)
         if problem is not None:
             failures.append({"point": n, "problem": problem})
         log(f"  {name} stop before change {n}/{total}: {'ok' if problem is None else 'FAILED: ' + problem}")
