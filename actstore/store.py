@@ -179,7 +179,7 @@ def activation_array(
     """An (n_seq, seq_len, d) array of activations of `dtype` under `codec`, replacing any at `name`."""
     np_dtype = numpy_dtype(dtype)
     filters, compressors = codec_chain(codec, dtype, np_dtype.itemsize)
-    arr = parent.create_array(
+    return parent.create_array(
         name,
         shape=shape,
         chunks=chunks,
@@ -190,9 +190,8 @@ def activation_array(
         dimension_names=DIMS,
         fill_value=0,
         overwrite=True,
+        attributes={"actstore_dtype": dtype, **attrs},  # in its one metadata write: no kill leaves it unlabelled
     )
-    arr.attrs.update({"actstore_dtype": dtype, **attrs})
-    return arr
 
 
 def now() -> str:
